@@ -1,0 +1,65 @@
+"""Errors that reach the user, and the exit codes of the command line.
+
+A user mistake is a ``SpecError``: it carries one or more ``Diagnostic`` records, each pointing at a YAML
+file, line and column and naming the field path, and prints without a traceback:
+
+    specs/x.yaml:14:5: error: experts[1].ffn: must be a multiple of 8 (got 1000)
+      hint: round it to 1000 -> 1000
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_WOULD_CHANGE = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 123
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem with a spec: where it is, which field, what is wrong, what to do."""
+
+    path: str  # dotted field path, e.g. "router.groups.keep"
+    message: str
+    file: str = "<spec>"
+    line: int = 0  # 1-based; 0 when unknown
+    col: int = 0
+    hint: str | None = None
+
+    def render(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
+        field = f"{self.path}: " if self.path else ""
+        text = f"{where}: error: {field}{self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class MoecError(Exception):
+    """Base class of every error moec reports to a user (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+    def render(self) -> str:
+        return f"error: {self}"
+
+
+class SpecError(MoecError):
+    """A spec that cannot be accepted; holds every diagnostic found, in file order."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = sorted(diagnostics, key=lambda d: (d.file, d.line, d.col, d.path))
+        super().__init__("\n".join(d.render() for d in self.diagnostics))
+
+    def render(self) -> str:
+        return str(self)
+
+
+class UsageError(MoecError):
+    """A bad command line or input file that is not a spec (a trace, an HF config)."""
+
+
+class WriteConflict(MoecError):
+    """The writer refused to overwrite a hand-edited generated file."""

@@ -1,0 +1,140 @@
+"""The plan: everything moec decided about a spec, as frozen plain data.
+
+Legend for shape suffixes used across moec and the generated code:
+    T tokens, H hidden, F expert width, E experts, Z zero (identity) experts, K top-k slots per token,
+    G ranks, L layers.
+
+Units: bytes are bytes, times are microseconds (``_us``), rates are per second. ``Plan.to_json()`` is what
+``moec plan --json`` prints and what ``generated/<name>/plan.json`` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+PLAN_FORMAT = 1
+LEGEND = "T tokens, H hidden, F expert width, E experts, Z zero experts, K top-k, G ranks, L layers"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One expert group: global ids [first, first + count)."""
+
+    name: str
+    first: int
+    count: int
+    ffn: int
+    kind: str  # "glu" | "mlp"
+    activation: str
+    glu: str
+    dtype: str
+    bias: bool
+    bytes_per_param: float
+    params_per_expert: int
+    flops_per_token: int  # one token through one expert, forward (2 per multiply-add)
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    experts: int  # routed experts with weights
+    zero_experts: int
+    top_k: int
+    slots: int  # routing slots per token as returned by route(): K, or E for expert choice
+    expert_in: int  # the experts' input width: H, or the latent dim
+    shared_ffn: int  # 0 when there is no shared expert
+    router_outputs: int  # E + Z
+
+
+@dataclass(frozen=True)
+class Mesh:
+    world: int
+    nodes: int
+    gpus_per_node: int
+    dp: int
+    tp: int
+    ep: int
+    pp: int
+    expert_tp: int
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Which experts each expert-parallel rank holds for one MoE layer (an id may repeat on ranks)."""
+
+    ranks: tuple[tuple[int, ...], ...]  # [ep rank] -> expert ids
+    load: tuple[float, ...]  # expected routed slots per token on each ep rank
+    imbalance: float  # max/mean of load
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    strategy: str
+    layers: tuple[LayerPlacement, ...]
+    source: str  # "uniform assumption" or the trace path
+
+
+@dataclass(frozen=True)
+class CommPlan:
+    dispatch: str  # "local" | "all_to_all" | "hierarchical" | "all_gather"
+    chunks: int
+    wire_dtype: str
+    bytes_per_rank: int  # dispatch bytes each rank sends per MoE layer (combine sends the same)
+    predicted_us: dict[str, float] = field(default_factory=dict)  # per candidate schedule
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-rank bytes of one pipeline stage's MoE layers."""
+
+    expert_weights: int
+    shared_and_router: int
+    optimizer: int
+    token_buffers: int
+    activations: int
+    total: int
+    capacity: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    backend: str  # default backend of the generated layer on CUDA
+    block_m: int
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """Predicted time of one MoE layer's forward on one rank, by phase."""
+
+    phases_us: dict[str, float]
+    total_us: float
+    flops_per_token: int
+    weight_bytes_per_rank: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    spec_hash: str
+    dims: Dims
+    groups: tuple[GroupPlan, ...]
+    mesh: Mesh
+    moe_layers: tuple[int, ...]  # decoder layer indices that are MoE
+    notes: tuple[str, ...]  # canonicalisations and equivalences the planner applied
+    placement: PlacementPlan | None = None
+    comm: CommPlan | None = None
+    memory: MemoryPlan | None = None
+    kernels: KernelPlan | None = None
+    cost: CostPlan | None = None
+    format: int = PLAN_FORMAT
+    legend: str = LEGEND
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"

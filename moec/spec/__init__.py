@@ -1,0 +1,139 @@
+"""Load, validate and fingerprint MoE specs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from moec.errors import SpecError
+from moec.spec.checks import problems
+from moec.spec.loader import SourceMap, load_file, load_text
+from moec.spec.schema import Spec
+
+__all__ = ["Spec", "SourceMap", "load_spec", "parse_spec", "spec_hash", "spec_to_data"]
+
+
+def parse_spec(data: Any, source: SourceMap) -> Spec:
+    """Validate plain data (from YAML) into a ``Spec``; raise ``SpecError`` with located diagnostics."""
+    if not isinstance(data, dict):
+        raise SpecError([source.diagnostic((), "a spec must be a YAML mapping")])
+    try:
+        spec = Spec.model_validate(_tuples(data))
+    except ValidationError as exc:
+        diagnostics = {}
+        for err in exc.errors():  # a union reports once per member: keep the first per field
+            diag = _diagnostic(err, source)
+            diagnostics.setdefault(diag.path, diag)
+        raise SpecError(list(diagnostics.values())) from None
+    found = problems(spec)
+    if found:
+        raise SpecError([source.diagnostic(path, msg, hint) for path, msg, hint in found])
+    return spec
+
+
+def load_spec(path: str | Path) -> tuple[Spec, SourceMap]:
+    """Read, parse and validate a spec file."""
+    data, source = load_file(path)
+    return parse_spec(data, source), source
+
+
+def load_spec_text(text: str, file: str = "<spec>") -> tuple[Spec, SourceMap]:
+    data, source = load_text(text, file)
+    return parse_spec(data, source), source
+
+
+def spec_to_data(spec: Spec) -> dict:
+    """The spec as plain JSON-able data (every field, defaults included)."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec: Spec) -> str:
+    """sha256 of the spec's canonical JSON: equal for specs that mean the same, whatever their spelling."""
+    text = json.dumps(spec_to_data(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tuples(value: Any) -> Any:
+    """YAML lists become tuples: the spec's models are frozen and validate strictly."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown field",
+    "missing": "required field is missing",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "finite_number": "must be a finite number",
+}
+
+
+def _diagnostic(err: dict, source: SourceMap):
+    # Pydantic reports union members as extra path parts (e.g. 'GpuProfile', 'literal[...]'); the user
+    # wrote neither, so keep only the parts that are real keys or indices of the document.
+    path = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_union_tag(p))
+    kind = err["type"]
+    message = _FRIENDLY.get(kind, err["msg"])
+    if kind.startswith(("greater_than", "less_than", "literal_error", "too_", "value_error")):
+        message = err["msg"].removeprefix("Value error, ")
+        message = message[0].lower() + message[1:]
+    got = err.get("input")
+    hint = None
+    if kind == "extra_forbidden":
+        hint = _suggest(path, source)
+    elif kind != "missing" and not isinstance(got, (dict, tuple, list)):
+        message += f" (got {got!r})"
+    return source.diagnostic(path, message, hint)
+
+
+def _is_union_tag(part: str) -> bool:
+    return part[:1].isupper() or part.startswith(
+        ("literal[", "function-", "int", "float", "str", "tuple[")
+    )
+
+
+def _suggest(path: tuple, source: SourceMap) -> str | None:
+    """Name the closest known field, for an unknown key (typos are the common case)."""
+    import difflib
+
+    model: Any = Spec
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = _model_of(field.annotation)
+        if model is None:
+            return None
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(path[-1]), known, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "known fields: " + ", ".join(known)
+
+
+def _model_of(annotation):
+    import typing
+
+    from pydantic import BaseModel
+
+    stack = [annotation]
+    while stack:
+        ann = stack.pop()
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+        stack.extend(typing.get_args(ann))
+    return None
