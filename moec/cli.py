@@ -18,19 +18,8 @@ from moec import __version__
 from moec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_WOULD_CHANGE, MoecError, UsageError
 
 
-def _rel(path: Path) -> str:
-    """A path as it should appear in generated headers: relative to the cwd, forward slashes."""
-    try:
-        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix()
-    except ValueError:  # another drive on Windows
-        return path.name
-
-
 def cmd_build(args) -> int:
-    from moec.codegen import Origin, render
-    from moec.codegen import writer
-    from moec.plan import run_passes
-    from moec.spec import load_spec
+    from moec.codegen import build_files, writer
 
     specs = [Path(p) for p in args.specs]
     if args.output and len(specs) > 1:
@@ -40,11 +29,7 @@ def cmd_build(args) -> int:
     status = EXIT_OK
     for spec_path in specs:
         start = time.perf_counter()
-        spec, _ = load_spec(spec_path)
-        out = Path(args.output) if args.output else Path(args.out_dir) / spec.name
-        command = f"moec build {_rel(spec_path)} -o {_rel(out)}"
-        plan = run_passes(spec)
-        files = render.render_package(spec, plan, Origin(_rel(spec_path), command))
+        spec, out, files = build_files(spec_path, args.output, args.out_dir)
         if args.check or args.diff:
             if args.diff:
                 sys.stdout.write(writer.diff(out, files))

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from moec.codegen.render import Origin, render_package
 from moec.plan import run_passes
-from moec.spec import Spec
+from moec.spec import Spec, load_spec
+
+
+def display_path(path: Path | str) -> str:
+    """A path as generated headers show it: relative to the working directory, forward slashes."""
+    path = Path(path)
+    try:
+        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix()
+    except ValueError:  # another drive (Windows)
+        return path.name
 
 
 def generate(spec: Spec, origin: Origin | None = None) -> dict[str, bytes]:
@@ -15,4 +27,17 @@ def generate(spec: Spec, origin: Origin | None = None) -> dict[str, bytes]:
     return render_package(spec, run_passes(spec), origin)
 
 
-__all__ = ["Origin", "generate"]
+def build_files(
+    spec_path: Path | str, out: Path | str | None = None, out_dir: Path | str = "generated"
+) -> tuple[Spec, Path, dict[str, bytes]]:
+    """Load a spec file and render its package as ``moec build SPEC [-o OUT]`` would write it
+    (to ``out``, or ``out_dir/<name>``)."""
+    spec, _ = load_spec(spec_path)
+    out = Path(out) if out is not None else Path(out_dir) / spec.name
+    origin = Origin(
+        display_path(spec_path), f"moec build {display_path(spec_path)} -o {display_path(out)}"
+    )
+    return spec, out, generate(spec, origin)
+
+
+__all__ = ["Origin", "build_files", "display_path", "generate"]

@@ -97,9 +97,9 @@ def _dbrx(spec: Spec) -> Table:
 
 def _jetmoe() -> Table:
     return {
-        "experts.w_gate": [src("experts.input_linear.weight", ["chunk", 1, 2, 0])],
-        "experts.w_up": [src("experts.input_linear.weight", ["chunk", 1, 2, 1])],
-        "experts.w_down": [src("experts.output_linear.weight")],
+        "experts.w_gate": [src("input_linear.weight", ["chunk", 1, 2, 0])],
+        "experts.w_up": [src("input_linear.weight", ["chunk", 1, 2, 1])],
+        "experts.w_down": [src("output_linear.weight")],
     }
 
 

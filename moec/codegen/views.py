@@ -117,7 +117,6 @@ def group_view(g: GroupPlan, mlp: MLP, h: int) -> dict:
         "storage": storage,
         "weights": weights,
         "biases": biases,
-        "probe": ("q_" if quantized else "") + weights[0]["name"],
     }
 
 
@@ -207,6 +206,7 @@ def router_view(spec: Spec, plan: Plan) -> dict:
         "norm_p": lit(norm.p) if norm.p else None,
         "scale": lit(r.scale) if r.scale != 1.0 else None,
         "has_capacity": has_capacity,
+        "needs_math": (has_capacity or r.kind == "expert_choice") and cap.tokens is None,
         "capacity_tokens": cap.tokens,
         "capacity_factor": lit(cap.factor) if cap.factor else None,
         "capacity_scope": cap.scope,

@@ -21,8 +21,8 @@ from moec.plan.ir import (
     LayerPlacement,
     MemoryPlan,
     Mesh,
-    Plan,
     PlacementPlan,
+    Plan,
 )
 from moec.spec import Spec, spec_hash
 

@@ -28,7 +28,14 @@ def parse_spec(data: Any, source: SourceMap) -> Spec:
         for err in exc.errors():  # a union reports once per member: keep the first per field
             diag = _diagnostic(err, source)
             diagnostics.setdefault(diag.path, diag)
-        raise SpecError(list(diagnostics.values())) from None
+        # A bad item also makes its list fail as a whole; report only the innermost problems.
+        paths = list(diagnostics)
+        inner = [
+            d
+            for p, d in diagnostics.items()
+            if not any(q.startswith((p + ".", p + "[")) for q in paths)
+        ]
+        raise SpecError(inner) from None
     found = problems(spec)
     if found:
         raise SpecError([source.diagnostic(path, msg, hint) for path, msg, hint in found])

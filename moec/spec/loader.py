@@ -91,6 +91,9 @@ def _to_python(node, path: Path_, positions, errors: list[Diagnostic], file: str
         mark = where.start_mark
         errors.append(Diagnostic(_fmt(path), message, file, mark.line + 1, mark.column + 1))
 
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+        fail(f"YAML tags are not allowed in a spec (got {node.tag})")
+        return None
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -123,6 +126,7 @@ def _to_python(node, path: Path_, positions, errors: list[Diagnostic], file: str
     return None
 
 
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")} | {"!"}
 # PyYAML follows YAML 1.1, where "1e-5" (no dot) is a string; a spec author means a number.
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")

@@ -32,9 +32,9 @@ MAX_EXPERTS = 1 << 14
 
 def _identifier(value: str) -> str:
     if not value.isidentifier() or not value.isascii() or keyword.iskeyword(value):
-        raise ValueError(f"must be a Python identifier (letters, digits, _), got {value!r}")
+        raise ValueError("must be a Python identifier (letters, digits, _; not a keyword)")
     if value.startswith("__"):
-        raise ValueError(f"must not start with '__', got {value!r}")
+        raise ValueError("must not start with '__'")
     return value
 
 
