@@ -47,8 +47,10 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def manifest_bytes(files: dict[str, bytes]) -> bytes:
-    lines = [f"{sha256(data)}  {path}" for path, data in sorted(files.items())]
+def manifest_bytes(files: dict[str, bytes], kept: dict[str, str] | None = None) -> bytes:
+    """sha256 and path of every generated file, plus ``kept`` stale entries (so --prune finds them)."""
+    entries = {path: sha256(data) for path, data in files.items()} | (kept or {})
+    lines = [f"{digest}  {path}" for path, digest in sorted(entries.items())]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -68,8 +70,9 @@ def plan_write(
     root: Path, files: dict[str, bytes], force: bool = False, prune: bool = False
 ) -> WriteResult:
     """What writing ``files`` to ``root`` would do; raises WriteConflict for hand edits / foreign files."""
-    files = {**files, MANIFEST: manifest_bytes(files)}
     old = read_manifest(root)
+    stale = {p: old[p] for p in sorted(set(old) - set(files)) if (root / p).is_file()}
+    files = {**files, MANIFEST: manifest_bytes(files, None if prune else stale)}
     result, conflicts = WriteResult(), []
     for path, data in files.items():
         target = root / path
@@ -86,9 +89,10 @@ def plan_write(
             elif sha256(current) != old[path]:
                 conflicts.append(f"{target}: edited by hand since it was generated")
         result.written.append(path)
-    for path in sorted(set(old) - set(files)):
-        if (root / path).is_file():
-            (result.removed if prune else result.stale).append(path)
+    for path, digest in stale.items():
+        if prune and not force and sha256((root / path).read_bytes()) != digest:
+            conflicts.append(f"{root / path}: no longer generated, but edited by hand (not pruned)")
+        (result.removed if prune else result.stale).append(path)
     if conflicts:
         hint = "  hint: move your edits into the spec, or pass --force to overwrite"
         raise WriteConflict("refusing to overwrite:\n  " + "\n  ".join(conflicts) + "\n" + hint)
@@ -103,7 +107,8 @@ def write_package(
     result = plan_write(root, files, force, prune)
     if not result.changed:
         return result
-    files = {**files, MANIFEST: manifest_bytes(files)}
+    kept = {p: d for p, d in read_manifest(root).items() if p in result.stale}
+    files = {**files, MANIFEST: manifest_bytes(files, kept)}
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.new-", dir=root.parent))
     try:
@@ -151,7 +156,7 @@ def _swap(staging: Path, root: Path) -> None:
 
 def diff(root: Path, files: dict[str, bytes]) -> str:
     """A unified diff from the package on disk to ``files`` (MANIFEST included)."""
-    files = {**files, MANIFEST: manifest_bytes(files)}
+    files = {**files, MANIFEST: manifest_bytes(files, None)}
     out = []
     for path, data in files.items():
         target = root / path

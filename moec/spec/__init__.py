@@ -26,7 +26,7 @@ def parse_spec(data: Any, source: SourceMap) -> Spec:
     except ValidationError as exc:
         diagnostics = {}
         for err in exc.errors():  # a union reports once per member: keep the first per field
-            diag = _diagnostic(err, source)
+            diag = _diagnostic(err, source, data)
             diagnostics.setdefault(diag.path, diag)
         # A bad item also makes its list fail as a whole; report only the innermost problems.
         paths = list(diagnostics)
@@ -87,10 +87,26 @@ _FRIENDLY = {
 }
 
 
-def _diagnostic(err: dict, source: SourceMap):
-    # Pydantic reports union members as extra path parts (e.g. 'GpuProfile', 'literal[...]'); the user
-    # wrote neither, so keep only the parts that are real keys or indices of the document.
-    path = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_union_tag(p))
+def _real_path(loc: tuple, data) -> tuple:
+    """Pydantic adds union members to error paths (e.g. 'GpuProfile', 'literal[...]'); the user wrote
+    neither, so keep only the parts that are keys or indices of the document (or the final missing key).
+    """
+    path, node = [], data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif i == len(loc) - 1 and isinstance(node, dict):
+            pass  # a missing field: name it
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _diagnostic(err: dict, source: SourceMap, data):
+    path = _real_path(err["loc"], data)
     kind = err["type"]
     message = _FRIENDLY.get(kind, err["msg"])
     if kind.startswith(("greater_than", "less_than", "literal_error", "too_", "value_error")):
@@ -103,12 +119,6 @@ def _diagnostic(err: dict, source: SourceMap):
     elif kind != "missing" and not isinstance(got, (dict, tuple, list)):
         message += f" (got {got!r})"
     return source.diagnostic(path, message, hint)
-
-
-def _is_union_tag(part: str) -> bool:
-    return part[:1].isupper() or part.startswith(
-        ("literal[", "function-", "int", "float", "str", "tuple[")
-    )
 
 
 def _suggest(path: tuple, source: SourceMap) -> str | None:
@@ -126,7 +136,7 @@ def _suggest(path: tuple, source: SourceMap) -> str | None:
         if model is None:
             return None
     known = list(getattr(model, "model_fields", {}))
-    close = difflib.get_close_matches(str(path[-1]), known, n=1)
+    close = difflib.get_close_matches(str(path[-1]), known, n=1) if path else []
     if close:
         return f"did you mean {close[0]!r}?"
     return "known fields: " + ", ".join(known)

@@ -58,8 +58,11 @@ def experts_rules(spec: Spec) -> Iterator[Problem]:
             yield ("experts", i, "ffn"), message, None
     if spec.shared is not None:
         yield from _mlp_rules(spec.shared, ("shared",))
-    if any(g.dtype == "int4" for g in spec.experts) and spec.hidden % 2:
-        yield ("hidden",), f"int4 experts need an even hidden size (got {spec.hidden})", None
+    width, path = (
+        (spec.latent.dim, ("latent", "dim")) if spec.latent else (spec.hidden, ("hidden",))
+    )
+    if any(g.dtype == "int4" for g in spec.experts) and width % 2:
+        yield path, f"int4 experts pack two inputs a byte: must be even (got {width})", None
 
 
 def router_rules(spec: Spec) -> Iterator[Problem]:
