@@ -133,3 +133,13 @@ def test_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["build"])
     assert exc.value.code == 2
+
+
+def test_hostile_file_names_stay_in_comments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "evil\nimport os; os.system('echo pwned')\n.yaml"
+    shutil.copy(EXAMPLE, tmp_path / name)
+    assert main(["build", name, "-o", "out"]) == 0
+    for path in Path("out").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            assert not line.startswith("import os;"), path

@@ -11,27 +11,32 @@ one expert, H = the experts' input width.
 import torch
 
 
-def sort_slots(topk_ids_TK: torch.Tensor, first: int, count: int):
-    """The slots routed to experts [first, first + count), in expert order.
+def sort_slots(topk_ids_TK: torch.Tensor, first: int, local_index: torch.Tensor):
+    """The slots routed to experts held here, in local expert order.
 
+    ``local_index[e - first]`` is the local row of global expert e, or -1 when it is not held here.
     Returns (token_N, slot_N, counts_E): the token and flat slot index (t·K + k) of each row, and how
-    many rows each expert has. Slots with other ids (another group, or -1 for dropped) are skipped.
+    many rows each local expert has. Other slots (other groups or ranks, -1 = dropped) are skipped.
     """
-    K = topk_ids_TK.shape[1]
-    local_S = topk_ids_TK.reshape(-1) - first
-    slot_N = torch.nonzero((local_S >= 0) & (local_S < count)).squeeze(1)
+    K, count = topk_ids_TK.shape[1], local_index.numel()
+    rel_S = topk_ids_TK.reshape(-1) - first
+    in_range_S = (rel_S >= 0) & (rel_S < count)
+    local_S = torch.where(in_range_S, local_index[rel_S.clamp(0, count - 1)], -1)
+    slot_N = torch.nonzero(local_S >= 0).squeeze(1)
     slot_N = slot_N[torch.argsort(local_S[slot_N], stable=True)]
-    counts_E = torch.bincount(local_S[slot_N], minlength=count)
+    counts_E = torch.bincount(local_S[slot_N], minlength=int(local_index.max()) + 1)
     return slot_N // K, slot_N, counts_E
 
 
-def run_experts(expert, x_TH, topk_ids_TK, topk_weights_TK, first, count, out_TH, weight_on_input):
-    """out_TH += Σ_k w_tk · expert_{id_tk}(x_t) over the slots of experts [first, first + count).
+def run_experts(
+    expert, x_TH, topk_ids_TK, topk_weights_TK, first, local_index, out_TH, weight_on_input
+):
+    """out_TH += Σ_k w_tk · expert_{id_tk}(x_t) over the slots of the experts held here (see sort_slots).
 
     ``expert(e, x_NH) -> y_NH`` computes local expert e on its rows. With ``weight_on_input`` the
     routing weight scales the expert's input instead of its output. Accumulates in out_TH's dtype.
     """
-    token_N, slot_N, counts_E = sort_slots(topk_ids_TK, first, count)
+    token_N, slot_N, counts_E = sort_slots(topk_ids_TK, first, local_index)
     if token_N.numel() == 0:
         return
     w_N1 = topk_weights_TK.reshape(-1)[slot_N].unsqueeze(1)

@@ -18,14 +18,26 @@ from .quant import dequantize, quantize
 
 
 class WideExperts(nn.Module):
-    """Group `wide`: experts 0..7 (8), SwiGLU, F = 512, float weights."""
+    """Group `wide`: experts 0..7 (8), SwiGLU, F = 512, float weights.
+
+    Holds the experts in ``experts`` (global ids; all of the group unless the layer is sharded).
+    """
 
     FIRST, COUNT, FFN = 0, 8, 512
 
-    def __init__(self, dtype: torch.dtype, device=None):
+    def __init__(self, dtype: torch.dtype, device=None, experts=None):
         super().__init__()
-        self.w_gate_up_E2FH = nn.Parameter(torch.empty((8, 1024, 256), dtype=dtype, device=device))
-        self.w_down_EHF = nn.Parameter(torch.empty((8, 256, 512), dtype=dtype, device=device))
+        self.experts = tuple(
+            range(self.FIRST, self.FIRST + self.COUNT) if experts is None else experts
+        )
+        self.width = self.FFN
+        n, f = len(self.experts), self.width
+        # local_index[e - FIRST] = row of expert e in this module's weights, or -1 if not held here
+        local_index = torch.full((self.COUNT,), -1, dtype=torch.long, device=device)
+        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(n, device=device)
+        self.register_buffer("local_index", local_index, persistent=False)
+        self.w_gate_up_E2FH = nn.Parameter(torch.empty((n, 2 * f, 256), dtype=dtype, device=device))
+        self.w_down_EHF = nn.Parameter(torch.empty((n, 256, f), dtype=dtype, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -35,9 +47,20 @@ class WideExperts(nn.Module):
 
     @torch.no_grad()
     def load_dense(self, w_gate_up_E2FH, w_down_EHF) -> None:
-        """Set the weights from dense tensors of the shapes above."""
+        """Set the held experts' weights from dense tensors of this module's shapes."""
         self.w_gate_up_E2FH.copy_(w_gate_up_E2FH)
         self.w_down_EHF.copy_(w_down_EHF)
+
+    @torch.no_grad()
+    def load_full(self, w_gate_EFH, w_up_EFH, w_down_EHF) -> None:
+        """Set the weights from tensors covering the whole group (nn.Linear layout, 8 experts):
+        keep the held experts."""
+        idx = [e - self.FIRST for e in self.experts]
+        cols = slice(None)
+        self.load_dense(
+            torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1),
+            w_down_EHF[idx][:, :, cols],
+        )
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
         """Local expert e on its rows: x_NH [N, H] -> y_NH [N, H]."""
@@ -54,55 +77,79 @@ class WideExperts(nn.Module):
             topk_ids_TK,
             topk_weights_TK,
             self.FIRST,
-            self.COUNT,
+            self.local_index,
             out_TH,
             weight_on_input=False,
         )
 
 
 class NarrowInt8Experts(nn.Module):
-    """Group `narrow_int8`: experts 8..15 (8), SwiGLU, F = 256, int8 weights."""
+    """Group `narrow_int8`: experts 8..15 (8), SwiGLU, F = 256, int8 weights.
+
+    Holds the experts in ``experts`` (global ids; all of the group unless the layer is sharded).
+    """
 
     FIRST, COUNT, FFN = 8, 8, 256
 
-    def __init__(self, dtype: torch.dtype, device=None):
+    def __init__(self, dtype: torch.dtype, device=None, experts=None):
         super().__init__()
+        self.experts = tuple(
+            range(self.FIRST, self.FIRST + self.COUNT) if experts is None else experts
+        )
+        self.width = self.FFN
+        n, f = len(self.experts), self.width
+        # local_index[e - FIRST] = row of expert e in this module's weights, or -1 if not held here
+        local_index = torch.full((self.COUNT,), -1, dtype=torch.long, device=device)
+        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(n, device=device)
+        self.register_buffer("local_index", local_index, persistent=False)
         self.dtype = dtype  # compute dtype; weights are stored int8 with float32 row scales
         self.register_buffer(
-            "q_w_gate_up_E2FH", torch.zeros((8, 512, 256), dtype=torch.int8, device=device)
+            "q_w_gate_up_E2FH", torch.zeros((n, 2 * f, 256), dtype=torch.int8, device=device)
         )
         self.register_buffer(
-            "s_w_gate_up_E2FH", torch.ones((8, 512), dtype=torch.float32, device=device)
+            "s_w_gate_up_E2FH", torch.ones((n, 2 * f), dtype=torch.float32, device=device)
         )
         self.register_buffer(
-            "q_w_down_EHF", torch.zeros((8, 256, 256), dtype=torch.int8, device=device)
+            "q_w_down_EHF", torch.zeros((n, 256, f), dtype=torch.int8, device=device)
         )
         self.register_buffer(
-            "s_w_down_EHF", torch.ones((8, 256), dtype=torch.float32, device=device)
+            "s_w_down_EHF", torch.ones((n, 256), dtype=torch.float32, device=device)
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Random weights (std 1/sqrt(fan_in)); tests and smoke runs replace them with real ones."""
+        n, f = len(self.experts), self.width
         with torch.no_grad():
             w_gate_up_E2FH = (
-                torch.randn((8, 512, 256), device=self.q_w_gate_up_E2FH.device) * 256**-0.5
+                torch.randn((n, 2 * f, 256), device=self.q_w_gate_up_E2FH.device) * 256**-0.5
             )
-            w_down_EHF = torch.randn((8, 256, 256), device=self.q_w_down_EHF.device) * 256**-0.5
+            w_down_EHF = torch.randn((n, 256, f), device=self.q_w_down_EHF.device) * 256**-0.5
             self.load_dense(w_gate_up_E2FH, w_down_EHF)
 
     @torch.no_grad()
     def load_dense(self, w_gate_up_E2FH, w_down_EHF) -> None:
-        """Set the weights from dense tensors of the shapes above, quantising them."""
+        """Set the held experts' weights from dense tensors of this module's shapes, quantising them."""
         self.q_w_gate_up_E2FH, self.s_w_gate_up_E2FH = quantize(w_gate_up_E2FH, "int8")
         self.q_w_down_EHF, self.s_w_down_EHF = quantize(w_down_EHF, "int8")
 
+    @torch.no_grad()
+    def load_full(self, w_gate_EFH, w_up_EFH, w_down_EHF) -> None:
+        """Set the weights from tensors covering the whole group (nn.Linear layout, 8 experts):
+        keep the held experts."""
+        idx = [e - self.FIRST for e in self.experts]
+        cols = slice(None)
+        self.load_dense(
+            torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1),
+            w_down_EHF[idx][:, :, cols],
+        )
+
     def w_gate_up_E2FH_of(self, e: int) -> torch.Tensor:
-        """Expert e's gate and up (stacked) weight, dequantised: [512, 256]."""
+        """Local expert e's gate and up (stacked) weight, dequantised: [2 * f, 256]."""
         return dequantize(self.q_w_gate_up_E2FH[e], self.s_w_gate_up_E2FH[e], "int8", self.dtype)
 
     def w_down_EHF_of(self, e: int) -> torch.Tensor:
-        """Expert e's down weight, dequantised: [256, 256]."""
+        """Local expert e's down weight, dequantised: [256, f]."""
         return dequantize(self.q_w_down_EHF[e], self.s_w_down_EHF[e], "int8", self.dtype)
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
@@ -120,55 +167,79 @@ class NarrowInt8Experts(nn.Module):
             topk_ids_TK,
             topk_weights_TK,
             self.FIRST,
-            self.COUNT,
+            self.local_index,
             out_TH,
             weight_on_input=False,
         )
 
 
 class NarrowInt4Experts(nn.Module):
-    """Group `narrow_int4`: experts 16..23 (8), GeGLU (tanh), F = 128, int4 weights."""
+    """Group `narrow_int4`: experts 16..23 (8), GeGLU (tanh), F = 128, int4 weights.
+
+    Holds the experts in ``experts`` (global ids; all of the group unless the layer is sharded).
+    """
 
     FIRST, COUNT, FFN = 16, 8, 128
 
-    def __init__(self, dtype: torch.dtype, device=None):
+    def __init__(self, dtype: torch.dtype, device=None, experts=None):
         super().__init__()
+        self.experts = tuple(
+            range(self.FIRST, self.FIRST + self.COUNT) if experts is None else experts
+        )
+        self.width = self.FFN
+        n, f = len(self.experts), self.width
+        # local_index[e - FIRST] = row of expert e in this module's weights, or -1 if not held here
+        local_index = torch.full((self.COUNT,), -1, dtype=torch.long, device=device)
+        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(n, device=device)
+        self.register_buffer("local_index", local_index, persistent=False)
         self.dtype = dtype  # compute dtype; weights are stored int4 with float32 row scales
         self.register_buffer(
-            "q_w_gate_up_E2FH", torch.zeros((8, 256, 128), dtype=torch.uint8, device=device)
+            "q_w_gate_up_E2FH", torch.zeros((n, 2 * f, 128), dtype=torch.uint8, device=device)
         )
         self.register_buffer(
-            "s_w_gate_up_E2FH", torch.ones((8, 256), dtype=torch.float32, device=device)
+            "s_w_gate_up_E2FH", torch.ones((n, 2 * f), dtype=torch.float32, device=device)
         )
         self.register_buffer(
-            "q_w_down_EHF", torch.zeros((8, 256, 64), dtype=torch.uint8, device=device)
+            "q_w_down_EHF", torch.zeros((n, 256, f // 2), dtype=torch.uint8, device=device)
         )
         self.register_buffer(
-            "s_w_down_EHF", torch.ones((8, 256), dtype=torch.float32, device=device)
+            "s_w_down_EHF", torch.ones((n, 256), dtype=torch.float32, device=device)
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Random weights (std 1/sqrt(fan_in)); tests and smoke runs replace them with real ones."""
+        n, f = len(self.experts), self.width
         with torch.no_grad():
             w_gate_up_E2FH = (
-                torch.randn((8, 256, 256), device=self.q_w_gate_up_E2FH.device) * 256**-0.5
+                torch.randn((n, 2 * f, 256), device=self.q_w_gate_up_E2FH.device) * 256**-0.5
             )
-            w_down_EHF = torch.randn((8, 256, 128), device=self.q_w_down_EHF.device) * 128**-0.5
+            w_down_EHF = torch.randn((n, 256, f), device=self.q_w_down_EHF.device) * 128**-0.5
             self.load_dense(w_gate_up_E2FH, w_down_EHF)
 
     @torch.no_grad()
     def load_dense(self, w_gate_up_E2FH, w_down_EHF) -> None:
-        """Set the weights from dense tensors of the shapes above, quantising them."""
+        """Set the held experts' weights from dense tensors of this module's shapes, quantising them."""
         self.q_w_gate_up_E2FH, self.s_w_gate_up_E2FH = quantize(w_gate_up_E2FH, "int4")
         self.q_w_down_EHF, self.s_w_down_EHF = quantize(w_down_EHF, "int4")
 
+    @torch.no_grad()
+    def load_full(self, w_gate_EFH, w_up_EFH, w_down_EHF) -> None:
+        """Set the weights from tensors covering the whole group (nn.Linear layout, 8 experts):
+        keep the held experts."""
+        idx = [e - self.FIRST for e in self.experts]
+        cols = slice(None)
+        self.load_dense(
+            torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1),
+            w_down_EHF[idx][:, :, cols],
+        )
+
     def w_gate_up_E2FH_of(self, e: int) -> torch.Tensor:
-        """Expert e's gate and up (stacked) weight, dequantised: [256, 256]."""
+        """Local expert e's gate and up (stacked) weight, dequantised: [2 * f, 256]."""
         return dequantize(self.q_w_gate_up_E2FH[e], self.s_w_gate_up_E2FH[e], "int4", self.dtype)
 
     def w_down_EHF_of(self, e: int) -> torch.Tensor:
-        """Expert e's down weight, dequantised: [256, 128]."""
+        """Local expert e's down weight, dequantised: [256, f]."""
         return dequantize(self.q_w_down_EHF[e], self.s_w_down_EHF[e], "int4", self.dtype)
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
@@ -186,7 +257,7 @@ class NarrowInt4Experts(nn.Module):
             topk_ids_TK,
             topk_weights_TK,
             self.FIRST,
-            self.COUNT,
+            self.local_index,
             out_TH,
             weight_on_input=False,
         )

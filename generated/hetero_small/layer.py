@@ -18,6 +18,7 @@ from .experts import WideExperts, NarrowInt8Experts, NarrowInt4Experts, SharedEx
 from .router import Router
 
 HIDDEN = 256
+NUM_EXPERTS = 24  # routed experts with weights
 
 
 class MoELayer(nn.Module):

@@ -40,8 +40,14 @@ SOURCES = {
     "router.weight": [{"key": "gate.weight", "ops": [], "stack": False}],
     "shared.score_gate": [{"key": "shared_expert_gate.weight", "ops": [], "stack": False}],
     "shared.w_down": [{"key": "shared_experts.down_proj.weight", "ops": [], "stack": False}],
-    "shared.w_gate": [{"key": "shared_experts.gate_proj.weight", "ops": [], "stack": False}],
-    "shared.w_up": [{"key": "shared_experts.up_proj.weight", "ops": [], "stack": False}],
+    "shared.w_gate": [
+        {"key": "shared_experts.gate_proj.weight", "ops": [], "stack": False},
+        {"key": "shared_experts.gate_up_proj.weight", "ops": [["chunk", 0, 2, 0]], "stack": False},
+    ],
+    "shared.w_up": [
+        {"key": "shared_experts.up_proj.weight", "ops": [], "stack": False},
+        {"key": "shared_experts.gate_up_proj.weight", "ops": [["chunk", 0, 2, 1]], "stack": False},
+    ],
 }
 
 # canonical names this layer must find, and those it takes when present
@@ -128,23 +134,26 @@ def _assign(layer, t: dict) -> None:
     layer.router.weight.copy_(t["router.weight"])
     if "router.selection_bias" in t:
         layer.router.selection_bias.copy_(t["router.selection_bias"])
-    group = layer.groups["wide"]
+    # group wide: global experts 0..7; it keeps the ones it holds
     ids = slice(0, 8)
-    group.load_dense(
-        torch.cat([t["experts.w_gate"][ids], t["experts.w_up"][ids]], dim=1),
-        t["experts.w_down"][ids],
+    layer.groups["wide"].load_full(
+        w_gate_EFH=t["experts.w_gate"][ids],
+        w_up_EFH=t["experts.w_up"][ids],
+        w_down_EHF=t["experts.w_down"][ids],
     )
-    group = layer.groups["narrow_int8"]
+    # group narrow_int8: global experts 8..15; it keeps the ones it holds
     ids = slice(8, 16)
-    group.load_dense(
-        torch.cat([t["experts.w_gate"][ids], t["experts.w_up"][ids]], dim=1),
-        t["experts.w_down"][ids],
+    layer.groups["narrow_int8"].load_full(
+        w_gate_EFH=t["experts.w_gate"][ids],
+        w_up_EFH=t["experts.w_up"][ids],
+        w_down_EHF=t["experts.w_down"][ids],
     )
-    group = layer.groups["narrow_int4"]
+    # group narrow_int4: global experts 16..23; it keeps the ones it holds
     ids = slice(16, 24)
-    group.load_dense(
-        torch.cat([t["experts.w_gate"][ids], t["experts.w_up"][ids]], dim=1),
-        t["experts.w_down"][ids],
+    layer.groups["narrow_int4"].load_full(
+        w_gate_EFH=t["experts.w_gate"][ids],
+        w_up_EFH=t["experts.w_up"][ids],
+        w_down_EHF=t["experts.w_down"][ids],
     )
     layer.shared.w_gate_up_2FH.copy_(torch.cat([t["shared.w_gate"], t["shared.w_up"]], dim=0))
     layer.shared.w_down_HF.copy_(t["shared.w_down"])

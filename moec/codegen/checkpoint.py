@@ -82,6 +82,9 @@ def _xw_halves() -> Table:
         "experts.w_gate": [src("experts.gate_up_proj", ["chunk", 2, 2, 0], ["transpose", 1, 2])],
         "experts.w_up": [src("experts.gate_up_proj", ["chunk", 2, 2, 1], ["transpose", 1, 2])],
         "experts.w_down": [src("experts.down_proj", ["transpose", 1, 2])],
+        "experts.b_gate": [src("experts.gate_up_proj_bias", ["chunk", 1, 2, 0])],
+        "experts.b_up": [src("experts.gate_up_proj_bias", ["chunk", 1, 2, 1])],
+        "experts.b_down": [src("experts.down_proj_bias")],
     }
 
 
@@ -148,6 +151,8 @@ def checkpoint_table(spec: Spec) -> Table:
     for name, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
         table[f"shared.w_{name}"] = [src(f"{shared}.{proj}.weight")]
         table[f"shared.b_{name}"] = [src(f"{shared}.{proj}.bias")]
+    for i, name in enumerate(("gate", "up")):  # a fused gate_up_proj Linear [2Fs, H] (MiniMax-M3)
+        table[f"shared.w_{name}"].append(src(f"{shared}.gate_up_proj.weight", ["chunk", 0, 2, i]))
     table["shared.score_gate"] = [src("shared_expert_gate.weight")]
     table["latent.w_in"] = [src("fc1_latent_proj.weight")]
     table["latent.b_in"] = [src("fc1_latent_proj.bias")]

@@ -27,17 +27,18 @@ from moec.spec import Spec
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 BLACK_MODE = black.Mode(line_length=100, target_versions={black.TargetVersion.PY310})
 
-# generated path -> template path (under templates/); None = only when the spec needs it
+# generated path -> (template under templates/, the context flag that says the spec needs the file)
 PACKAGE_FILES = {
-    "__init__.py": "torch/__init__.py.jinja",
-    "layer.py": "torch/layer.py.jinja",
-    "router.py": "torch/router.py.jinja",
-    "experts.py": "torch/experts.py.jinja",
-    "dispatch.py": "torch/dispatch.py.jinja",
-    "quant.py": "torch/quant.py.jinja",
-    "weights.py": "torch/weights.py.jinja",
-    "launch/__init__.py": "torch/launch/__init__.py.jinja",
-    "launch/run.py": "torch/launch/run.py.jinja",
+    "__init__.py": ("torch/__init__.py.jinja", None),
+    "layer.py": ("torch/layer.py.jinja", None),
+    "router.py": ("torch/router.py.jinja", None),
+    "experts.py": ("torch/experts.py.jinja", None),
+    "dispatch.py": ("torch/dispatch.py.jinja", None),
+    "quant.py": ("torch/quant.py.jinja", "any_quantized"),
+    "comm.py": ("torch/comm.py.jinja", "distributed"),
+    "weights.py": ("torch/weights.py.jinja", None),
+    "launch/__init__.py": ("torch/launch/__init__.py.jinja", None),
+    "launch/run.py": ("torch/launch/run.py.jinja", None),
 }
 
 
@@ -47,6 +48,14 @@ class Origin:
 
     spec_path: str  # as the user should type it: relative, forward slashes
     command: str  # the command that regenerates the package
+
+    def __post_init__(self):
+        # These land in comments of generated code: escape newlines and anything unprintable, so a
+        # file name can never start a line of code.
+        for name in ("spec_path", "command"):
+            value = getattr(self, name)
+            if not value.isprintable():
+                object.__setattr__(self, name, value.encode("unicode_escape").decode("ascii"))
 
 
 class RenderError(RuntimeError):
@@ -95,8 +104,8 @@ def render_package(spec: Spec, plan: Plan, origin: Origin) -> dict[str, bytes]:
     """Every file of the generated package, formatted, keyed by path relative to the package root."""
     context = package_context(spec, plan)
     files: dict[str, bytes] = {}
-    for path, template in PACKAGE_FILES.items():
-        if path == "quant.py" and not context["any_quantized"]:
+    for path, (template, needed_if) in PACKAGE_FILES.items():
+        if needed_if is not None and not context[needed_if]:
             continue
         file = {
             "version": context["version"],

@@ -55,54 +55,45 @@ def mlp_view(mlp: MLP) -> dict:
     }
 
 
-def group_view(g: GroupPlan, mlp: MLP, h: int) -> dict:
-    f, e = g.ffn, g.count
+def group_view(g: GroupPlan, mlp: MLP, h: int, sharded: bool) -> dict:
+    """A group's weights are allocated for ``n`` held experts of width ``f`` (the whole group's
+    COUNT and FFN unless the layer is sharded); shapes are Python expressions over n and f."""
     glu = g.kind == "glu"
     quantized = g.dtype in QUANTIZED
-    packed = h // 2 if g.dtype == "int4" else h
-    packed_f = f // 2 if g.dtype == "int4" else f
-    first = (
-        (
-            "w_gate_up_E2FH",
-            f"({e}, {2 * f}, {h})",
-            f"({e}, {2 * f}, {packed})",
-            f"({e}, {2 * f})",
-            h,
-            "gate and up (stacked)",
-            f"[{2 * f}, {h}]",
-        )
-        if glu
-        else (
-            "w_up_EFH",
-            f"({e}, {f}, {h})",
-            f"({e}, {f}, {packed})",
-            f"({e}, {f})",
-            h,
-            "up",
-            f"[{f}, {h}]",
-        )
-    )
-    down = (
-        "w_down_EHF",
-        f"({e}, {h}, {f})",
-        f"({e}, {h}, {packed_f})",
-        f"({e}, {h})",
-        f,
-        "down",
-        f"[{h}, {f}]",
-    )
-    keys = ("name", "shape", "packed_shape", "scale_shape", "fan_in", "role", "one_shape")
-    weights = [dict(zip(keys, w, strict=True)) for w in (first, down)]
+    int4 = g.dtype == "int4"
+    rows = "2 * f" if glu else "f"
+    first = {
+        "name": "w_gate_up_E2FH" if glu else "w_up_EFH",
+        "shape": f"(n, {rows}, {h})",
+        "packed_shape": f"(n, {rows}, {h // 2 if int4 else h})",
+        "scale_shape": f"(n, {rows})",
+        "fan_in": h,
+        "role": "gate and up (stacked)" if glu else "up",
+        "one_shape": f"[{rows}, {h}]",
+    }
+    down = {
+        "name": "w_down_EHF",
+        "shape": f"(n, {h}, f)",
+        "packed_shape": f"(n, {h}, f // 2)" if int4 else f"(n, {h}, f)",
+        "scale_shape": f"(n, {h})",
+        "fan_in": g.ffn,
+        "role": "down",
+        "one_shape": f"[{h}, f]",
+    }
+    weights = [first, down]
+    for w in weights:
+        w["dense_shape"] = w["shape"]
     biases = []
     if g.bias:
         biases = [
-            {
-                "name": "b_gate_up_E2F" if glu else "b_up_EF",
-                "shape": f"({e}, {2 * f if glu else f})",
-            },
-            {"name": "b_down_EH", "shape": f"({e}, {h})"},
+            {"name": "b_gate_up_E2F" if glu else "b_up_EF", "shape": f"(n, {rows})"},
+            {"name": "b_down_EH", "shape": f"(n, {h})"},
         ]
-    storage = g.dtype if quantized else "float"
+    names = (["w_gate_EFH"] if glu else []) + ["w_up_EFH", "w_down_EHF"]
+    if g.bias:
+        names += (["b_gate_EF"] if glu else []) + ["b_up_EF", "b_down_EH"]
+    # load_full's arguments, and the canonical checkpoint tensor each comes from
+    full = [{"name": n, "optional": n.startswith("b_"), "canonical": n.rsplit("_", 1)[0]} for n in names]
     return {
         **mlp_view(mlp),
         "name": g.name,
@@ -114,9 +105,11 @@ def group_view(g: GroupPlan, mlp: MLP, h: int) -> dict:
         "dtype": g.dtype,
         "quantized": quantized,
         "qdtype": QUANTIZED.get(g.dtype),
-        "storage": storage,
+        "storage": g.dtype if quantized else "float",
         "weights": weights,
         "biases": biases,
+        "full": full,
+        "sharded": sharded,
     }
 
 
@@ -335,7 +328,8 @@ def weights_view(spec: Spec, plan: Plan) -> dict:
 def package_context(spec: Spec, plan: Plan) -> dict:
     """The context shared by every template of the package (each file adds its own ``file``)."""
     expert_in = plan.dims.expert_in
-    groups = [group_view(g, m, expert_in) for g, m in zip(plan.groups, spec.experts, strict=True)]
+    sharded = plan.mesh.expert_tp > 1
+    groups = [group_view(g, m, expert_in, sharded) for g, m in zip(plan.groups, spec.experts, strict=True)]
     shared = shared_view(spec)
     router = router_view(spec, plan)
     return {
@@ -349,6 +343,10 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         "any_quantized": any(g["quantized"] for g in groups),
         "weight_on_input": spec.weight_on == "input",
         "expert_in": expert_in,
+        "distributed": plan.mesh.ep * plan.mesh.expert_tp > 1,
+        "sharded": sharded,
+        "expert_tp": plan.mesh.expert_tp,
+        "world": plan.mesh.world,
         "dispatch": plan.comm.dispatch if plan.comm else "local",
         **layer_view(spec, plan, groups, shared),
         **weights_view(spec, plan),
