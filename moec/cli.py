@@ -49,7 +49,7 @@ def cmd_plan(args) -> int:
     from moec.spec import load_spec
 
     spec, _ = load_spec(args.spec)
-    plan = run_passes(spec)
+    plan = run_passes(spec, Path(args.spec).parent)
     if args.json:
         sys.stdout.write(plan.to_json())
         return EXIT_OK

@@ -19,12 +19,16 @@ def display_path(path: Path | str) -> str:
         return path.name
 
 
-def generate(spec: Spec, origin: Origin | None = None) -> dict[str, bytes]:
-    """Plan ``spec`` and render its package: ``{relative path: bytes}``."""
+def generate(
+    spec: Spec, origin: Origin | None = None, base_dir: Path | None = None
+) -> dict[str, bytes]:
+    """Plan ``spec`` and render its package: ``{relative path: bytes}``.
+
+    ``base_dir``: the spec file's folder (a ``placement.trace`` path is relative to it)."""
     origin = origin or Origin(
         spec_path=f"<{spec.name}>", command=f"moec build <spec> -o generated/{spec.name}"
     )
-    return render_package(spec, run_passes(spec), origin)
+    return render_package(spec, run_passes(spec, base_dir), origin)
 
 
 def build_files(
@@ -37,7 +41,7 @@ def build_files(
     origin = Origin(
         display_path(spec_path), f"moec build {display_path(spec_path)} -o {display_path(out)}"
     )
-    return spec, out, generate(spec, origin)
+    return spec, out, generate(spec, origin, Path(spec_path).parent)
 
 
 __all__ = ["Origin", "build_files", "display_path", "generate"]

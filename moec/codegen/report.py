@@ -66,16 +66,17 @@ def sections(spec: Spec, plan: Plan) -> list[dict]:
     ]
     if plan.placement and plan.placement.layers:
         first = plan.placement.layers[0]
+        per_rank = zip(first.ranks, first.load_us, first.memory, strict=True)
         rows = [
-            [str(g), _ids(ids), f"{load:.3f}"]
-            for g, (ids, load) in enumerate(zip(first.ranks, first.load, strict=True))
+            [str(g), _ids(ids), f"{load:.1f}", human_bytes(mem)]
+            for g, (ids, load, mem) in enumerate(per_rank)
         ]
         out.append(
             {
-                "title": f"Placement ({plan.placement.strategy}, {plan.placement.source}; layer {plan.moe_layers[0]}, imbalance {first.imbalance:.3f})",
-                "columns": ["ep rank", "experts", "expected slots/token"],
+                "title": f"Placement ({plan.placement.strategy}, {plan.placement.source}; layer {plan.moe_layers[0]}: max/mean load {first.imbalance:.3f}, gap to bound {plan.placement.gap:.1%})",
+                "columns": ["ep rank", "experts", "expected expert µs", "expert weights"],
                 "rows": rows[:16]
-                + ([["…", f"{len(rows) - 16} more ranks", ""]] if len(rows) > 16 else []),
+                + ([["…", f"{len(rows) - 16} more ranks", "", ""]] if len(rows) > 16 else []),
             }
         )
     if plan.comm:

@@ -93,7 +93,9 @@ def group_view(g: GroupPlan, mlp: MLP, h: int, sharded: bool) -> dict:
     if g.bias:
         names += (["b_gate_EF"] if glu else []) + ["b_up_EF", "b_down_EH"]
     # load_full's arguments, and the canonical checkpoint tensor each comes from
-    full = [{"name": n, "optional": n.startswith("b_"), "canonical": n.rsplit("_", 1)[0]} for n in names]
+    full = [
+        {"name": n, "optional": n.startswith("b_"), "canonical": n.rsplit("_", 1)[0]} for n in names
+    ]
     return {
         **mlp_view(mlp),
         "name": g.name,
@@ -329,7 +331,9 @@ def package_context(spec: Spec, plan: Plan) -> dict:
     """The context shared by every template of the package (each file adds its own ``file``)."""
     expert_in = plan.dims.expert_in
     sharded = plan.mesh.expert_tp > 1
-    groups = [group_view(g, m, expert_in, sharded) for g, m in zip(plan.groups, spec.experts, strict=True)]
+    groups = [
+        group_view(g, m, expert_in, sharded) for g, m in zip(plan.groups, spec.experts, strict=True)
+    ]
     shared = shared_view(spec)
     router = router_view(spec, plan)
     return {

@@ -50,6 +50,8 @@ class Dims:
 
 @dataclass(frozen=True)
 class Mesh:
+    """Ranks: attention layers ordered (pp, dp, tp), experts (pp, edp, ep, expert_tp); innermost last."""
+
     world: int
     nodes: int
     gpus_per_node: int
@@ -58,31 +60,38 @@ class Mesh:
     ep: int
     pp: int
     expert_tp: int
+    edp: int  # copies of one ep group: world / (pp * ep * expert_tp)
+    ep_groups: tuple[tuple[int, ...], ...]  # global ranks of each ep group, by ep rank
+    ep_spans_nodes: bool
 
 
 @dataclass(frozen=True)
 class LayerPlacement:
     """Which experts each expert-parallel rank holds for one MoE layer (an id may repeat on ranks)."""
 
-    ranks: tuple[tuple[int, ...], ...]  # [ep rank] -> expert ids
-    load: tuple[float, ...]  # expected routed slots per token on each ep rank
-    imbalance: float  # max/mean of load
+    ranks: tuple[tuple[int, ...], ...]  # [ep rank] -> expert ids, ascending
+    shares: tuple[tuple[float, ...], ...]  # [ep rank][i] -> share of expert ranks[g][i]'s tokens
+    load_us: tuple[float, ...]  # expected expert compute per ep rank, µs per MoE layer forward
+    memory: tuple[int, ...]  # expert weight bytes per ep rank
+    imbalance: float  # max / mean of load_us
 
 
 @dataclass(frozen=True)
 class PlacementPlan:
     strategy: str
     layers: tuple[LayerPlacement, ...]
-    source: str  # "uniform assumption" or the trace path
+    source: str  # "uniform routing (no trace)" or the trace path
+    gap: float  # worst layer's max load over a lower bound, minus 1
+    pick_probs: tuple[float, ...]  # probability that one top-k pick is each expert (first layer)
 
 
 @dataclass(frozen=True)
 class CommPlan:
     dispatch: str  # "local" | "all_to_all" | "hierarchical" | "all_gather"
-    chunks: int
+    chunks: int  # token chunks pipelined through dispatch → experts → combine
     wire_dtype: str
-    bytes_per_rank: int  # dispatch bytes each rank sends per MoE layer (combine sends the same)
-    predicted_us: dict[str, float] = field(default_factory=dict)  # per candidate schedule
+    bytes_per_rank: int  # dispatch bytes the busiest rank sends per MoE layer (combine: the same)
+    predicted_us: dict[str, float] = field(default_factory=dict)  # one-way time per candidate
 
 
 @dataclass(frozen=True)

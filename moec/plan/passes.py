@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
-from moec.plan import profiles
+import numpy as np
+
+from moec.plan import cost, placement, topology
+from moec.plan import trace as trace_mod
 from moec.plan.ir import (
     CommPlan,
     CostPlan,
@@ -24,12 +28,13 @@ from moec.plan.ir import (
     PlacementPlan,
     Plan,
 )
+from moec.plan.placement import PlacementError
 from moec.spec import Spec, spec_hash
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 
-def canonicalize(spec: Spec, _: Plan | None) -> Plan:
+def canonicalize(spec: Spec, _: Plan | None, base_dir: Path | None = None) -> Plan:
     """Derive dims, expert groups, the mesh and the MoE layer list; note semantic equivalences."""
     r = spec.router
     expert_in = spec.latent.dim if spec.latent else spec.hidden
@@ -65,8 +70,19 @@ def canonicalize(spec: Spec, _: Plan | None) -> Plan:
         )
         first += g.count
     p, c = spec.parallel, spec.cluster
+    m = topology.make_mesh(c.nodes, c.gpus_per_node, p.dp, p.tp, p.ep, p.pp, p.expert_tp)
     mesh = Mesh(
-        c.nodes * c.gpus_per_node, c.nodes, c.gpus_per_node, p.dp, p.tp, p.ep, p.pp, p.expert_tp
+        m.world,
+        m.nodes,
+        m.gpus_per_node,
+        m.dp,
+        m.tp,
+        m.ep,
+        m.pp,
+        m.expert_tp,
+        edp=m.edp,
+        ep_groups=m.groups("ep"),
+        ep_spans_nodes=m.ep_spans_nodes,
     )
     layers = spec.layers
     moe_layers = tuple(range(layers.first, layers.count, layers.every))
@@ -97,69 +113,206 @@ def _equivalences(spec: Spec) -> list[str]:
     return notes
 
 
-def place_experts(spec: Spec, plan: Plan) -> Plan:
-    """Expert → ep-rank tables per MoE layer (v1: contiguous, uniform expected load)."""
-    ep, n, k = plan.mesh.ep, plan.dims.experts, plan.dims.top_k
-    per = [n // ep + (1 if r < n % ep else 0) for r in range(ep)]
-    ranks, start = [], 0
-    for count in per:
-        ranks.append(tuple(range(start, start + count)))
-        start += count
-    load = tuple(
-        k * len(ids) / n for ids in ranks
-    )  # uniform routing: each expert gets k/n of slots
-    imbalance = max(load) / (sum(load) / ep)
-    layer = LayerPlacement(tuple(ranks), load, round(imbalance, 6))
-    placement = PlacementPlan(
-        "uniform", tuple(layer for _ in plan.moe_layers), "uniform assumption"
+def _gpu(spec: Spec) -> cost.GpuProfile:
+    """The spec's accelerator, with the spec's link numbers where it gives them."""
+    gpu = spec.cluster.gpu
+    if isinstance(gpu, str):
+        profile = cost.PROFILES[gpu]
+    else:  # explicit numbers: links from the h100 profile unless the spec names them
+        base = cost.PROFILES["h100"]
+        tflops = {"bf16": gpu.tflops_bf16}
+        profile = dataclasses.replace(
+            base,
+            name=gpu.name,
+            tflops=tflops,
+            hbm_tb_per_s=gpu.hbm_gbps / 1e3,
+            memory_gb=gpu.memory_gb,
+            source="spec",
+        )
+    links = spec.cluster.links
+    if links.intra is not None:
+        profile = dataclasses.replace(
+            profile, intra=cost.Link(links.intra.latency_us, links.intra.gbps)
+        )
+    if links.inter is not None:
+        profile = dataclasses.replace(
+            profile, inter=cost.Link(links.inter.latency_us, links.inter.gbps)
+        )
+    return profile
+
+
+def _shapes(plan: Plan) -> tuple[cost.ExpertShape, ...]:
+    """One roofline shape per global expert id."""
+    return tuple(
+        cost.ExpertShape(plan.dims.expert_in, g.ffn, g.kind == "glu", g.dtype)
+        for g in plan.groups
+        for _ in range(g.count)
     )
-    return dataclasses.replace(plan, placement=placement)
 
 
-def schedule_comm(spec: Spec, plan: Plan) -> Plan:
-    """Pick the dispatch schedule by predicted time (v1: flat all-to-all, or local when ep == 1)."""
-    ep = plan.mesh.ep
-    wire = BYTES[spec.comm.wire_dtype]
-    tokens = spec.workload.tokens_per_rank
-    sent = int(tokens * plan.dims.slots * plan.dims.hidden * wire * (ep - 1) / ep)
-    chunks = 1 if spec.comm.chunks == "auto" else spec.comm.chunks
-    if ep == 1:
+def _routing(spec: Spec, plan: Plan, base_dir: Path | None) -> tuple[trace_mod.Trace, str]:
+    """The routing trace the placement packs: the spec's, or uniform routing of one layer."""
+    tokens = spec.workload.tokens_per_rank * plan.mesh.ep
+    if spec.placement.trace is None:
+        uniform = trace_mod.uniform_trace(plan.dims.experts, 1, tokens, plan.dims.top_k)
+        return uniform, "uniform routing (no trace)"
+    path = (base_dir or Path(".")) / spec.placement.trace
+    loaded = trace_mod.load_trace(path, num_experts=plan.dims.experts)
+    if len(loaded.layers) not in (1, len(plan.moe_layers)):
+        raise PlacementError(
+            "placement.trace",
+            f"the trace has {len(loaded.layers)} layers; the spec has {len(plan.moe_layers)} MoE layers",
+            "record one layer (used for all) or one per MoE layer",
+        )
+    return loaded, spec.placement.trace
+
+
+def place_experts(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
+    """Expert → ep-rank tables for every MoE layer, by the spec's strategy and routing trace."""
+    mesh = plan.mesh
+    topology.check_experts_fit(plan.dims.experts, spec.placement.redundant, mesh.ep)
+    routing, source = _routing(spec, plan, base_dir)
+    node_G = tuple(rank // mesh.gpus_per_node for rank in mesh.ep_groups[0])
+    layers_per_stage = max(1, -(-len(plan.moe_layers) // mesh.pp))
+    gpu = _gpu(spec)
+    problem = placement.make_problem(
+        routing,
+        _shapes(plan),
+        node_G,
+        gpu=gpu,
+        redundant=spec.placement.redundant,
+        mem_cap_bytes=gpu.memory_gb
+        * 1e9
+        / layers_per_stage,  # the rank's memory, split over its layers
+        train=spec.workload.mode == "train",
+        top_k=plan.dims.top_k,
+    )
+    placed = placement.place(problem, spec.placement.strategy)
+    layers = tuple(
+        LayerPlacement(
+            ranks=layer.ranks,
+            shares=tuple(tuple(round(x, 6) for x in row) for row in layer.shares),
+            load_us=tuple(round(x, 3) for x in layer.load_G),
+            memory=tuple(int(x) for x in layer.memory_G),
+            imbalance=round(layer.imbalance, 6),
+        )
+        for layer in placed.layers
+    )
+    if len(layers) == 1:  # one routing for every layer: the same tables
+        layers = layers * len(plan.moe_layers)
+    counts_E = np.asarray(routing.layers[0].counts_E, dtype=np.float64)
+    probs = tuple(round(float(p), 9) for p in counts_E / max(counts_E.sum(), 1e-30))
+    plan_placement = PlacementPlan(
+        spec.placement.strategy, layers, source, round(placed.gap, 6), probs
+    )
+    return dataclasses.replace(plan, placement=plan_placement)
+
+
+def schedule_comm(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
+    """Predict flat, hierarchical and all-gather dispatch for the first MoE layer; pick one."""
+    mesh = plan.mesh
+    if mesh.ep == 1:
         return dataclasses.replace(plan, comm=CommPlan("local", 1, spec.comm.wire_dtype, 0, {}))
-    link = spec.cluster.links.intra if spec.cluster.nodes == 1 else spec.cluster.links.inter
-    flat_us = link.latency_us + sent / (link.gbps * 1e3)
-    chosen = spec.comm.dispatch if spec.comm.dispatch != "auto" else "all_to_all"
-    comm = CommPlan(chosen, chunks, spec.comm.wire_dtype, sent, {"all_to_all": round(flat_us, 3)})
-    return dataclasses.replace(plan, comm=comm)
+    gpu = _gpu(spec)
+    send_GG, unique_GN, node_G = _traffic(spec, plan)
+    tokens_bytes = spec.workload.tokens_per_rank * plan.dims.hidden * BYTES[spec.comm.wire_dtype]
+    choice = cost.choose_dispatch(
+        send_GG, node_G, gpu.intra, gpu.inter, np.full(mesh.ep, tokens_bytes), unique_GN
+    )
+    predicted = {
+        "all_to_all": choice.flat_us,
+        "hierarchical": choice.hierarchical_us,
+        "all_gather": choice.all_gather_us,
+    }
+    chosen = spec.comm.dispatch if spec.comm.dispatch != "auto" else _NAMES[choice.choice]
+    dispatch_us = predicted[chosen]
+    experts_us = max(plan_rank_compute(spec, plan, gpu))
+    stages = [
+        (dispatch_us * 0.2, dispatch_us * 0.8),
+        (0.0, experts_us),
+        (dispatch_us * 0.2, dispatch_us * 0.8),
+    ]
+    chunks = cost.best_chunks(stages, 8)[0] if spec.comm.chunks == "auto" else spec.comm.chunks
+    sent = int(float(np.max(send_GG.sum(1) - np.diag(send_GG))))
+    rounded = {name: round(us, 3) for name, us in predicted.items()}
+    return dataclasses.replace(
+        plan, comm=CommPlan(chosen, chunks, spec.comm.wire_dtype, sent, rounded)
+    )
 
 
-def plan_memory(spec: Spec, plan: Plan) -> Plan:
-    """Per-rank bytes: local expert weights, shared/router weights, optimizer state, token buffers."""
-    layers = max(1, len(plan.moe_layers) // plan.mesh.pp)
-    local = plan.placement.layers[0].ranks if plan.placement and plan.placement.layers else ((),)
-    most = max(local, key=len)
-    expert_bytes = 0.0
-    for g in plan.groups:
-        held = sum(1 for e in most if g.first <= e < g.first + g.count)
-        expert_bytes += held * g.params_per_expert * g.bytes_per_param / plan.mesh.expert_tp
-    h, act = spec.hidden, BYTES[spec.dtype]
-    dense = plan.dims.router_outputs * h * 4 + (3 * h * plan.dims.shared_ffn * act)
-    trainable = (
-        expert_bytes / act * 2 if spec.workload.mode == "train" else 0
-    )  # params, as if 2-byte
-    optimizer = int(trainable / 2 * 12)  # fp32 master + two Adam moments, 12 bytes per param
+_NAMES = {"flat": "all_to_all", "hierarchical": "hierarchical", "all_gather": "all_gather"}
+
+
+def _traffic(spec: Spec, plan: Plan):
+    """Expected dispatch bytes between the ep ranks of the first MoE layer."""
+    layer = plan.placement.layers[0]
+    share_EG = np.zeros((plan.dims.experts, plan.mesh.ep))
+    for g, (ids, shares) in enumerate(zip(layer.ranks, layer.shares, strict=True)):
+        share_EG[list(ids), g] += shares
+    node_G = np.asarray([rank // plan.mesh.gpus_per_node for rank in plan.mesh.ep_groups[0]])
+    tokens_G = np.full(plan.mesh.ep, spec.workload.tokens_per_rank)
+    per_token = plan.dims.hidden * BYTES[spec.comm.wire_dtype]
+    probs_E = np.asarray(plan.placement.pick_probs)
+    send_GG, unique_GN = cost.dispatch_traffic(
+        share_EG, probs_E, tokens_G, plan.dims.top_k, per_token, node_G
+    )
+    return send_GG, unique_GN, node_G
+
+
+def plan_rank_compute(spec: Spec, plan: Plan, gpu: cost.GpuProfile) -> list[float]:
+    """Roofline µs of each ep rank's experts on its expected tokens (first MoE layer)."""
+    shapes = _shapes(plan)
+    probs_E = plan.placement.pick_probs
+    slots = spec.workload.tokens_per_rank * plan.mesh.ep * plan.dims.top_k  # picks in the ep group
+    layer = plan.placement.layers[0]
+    return [
+        cost.rank_compute_us(
+            [shapes[e] for e in ids],
+            [slots * probs_E[e] * sh for e, sh in zip(ids, shares, strict=True)],
+            gpu,
+        )
+        / plan.mesh.expert_tp
+        for ids, shares in zip(layer.ranks, layer.shares, strict=True)
+    ]
+
+
+def plan_memory(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
+    """Per-rank bytes of the busiest rank: expert weights (+ training state), buffers, activations."""
+    layers = max(1, -(-len(plan.moe_layers) // plan.mesh.pp))
+    layer = plan.placement.layers[0]
+    busiest = max(range(plan.mesh.ep), key=lambda g: layer.memory[g])
+    shapes = _shapes(plan)
+    held = layer.ranks[busiest]
+    params = sum(shapes[e].params for e in held) / plan.mesh.expert_tp
+    weights = sum(shapes[e].weight_bytes for e in held) / plan.mesh.expert_tp
     tokens = spec.workload.tokens_per_rank * plan.dims.slots
-    buffers = int(2 * tokens * h * act)  # dispatch + combine receive buffers
-    widest = max(g.ffn for g in plan.groups)
-    activations = int(tokens * 3 * widest * act) if spec.workload.mode == "train" else 0
-    per_layer = int(expert_bytes) + int(dense) + optimizer
-    total = per_layer * layers + buffers + activations
-    capacity = int(profiles.gpu(spec.cluster.gpu).memory_gb * 1e9)
+    widest = max(g.ffn for g in plan.groups) // plan.mesh.expert_tp
+    breakdown = cost.rank_memory(
+        weights,
+        params,
+        spec.workload.mode == "train",
+        tokens,
+        tokens,
+        plan.dims.hidden,
+        widest,
+        glu=any(g.kind == "glu" for g in plan.groups),
+        wire_bytes=BYTES[spec.comm.wire_dtype],
+        act_bytes=BYTES[spec.dtype],
+    )
+    h = spec.hidden
+    dense = plan.dims.router_outputs * h * 4 + 3 * h * plan.dims.shared_ffn * BYTES[spec.dtype]
+    total = int(
+        (breakdown.states - breakdown.buffers + dense) * layers
+        + breakdown.buffers
+        + breakdown.activations * layers
+    )
+    capacity = int(_gpu(spec).memory_gb * 1e9)
     memory = MemoryPlan(
-        expert_weights=int(expert_bytes) * layers,
+        expert_weights=int(breakdown.weights) * layers,
         shared_and_router=int(dense) * layers,
-        optimizer=optimizer * layers,
-        token_buffers=buffers,
-        activations=activations,
+        optimizer=int(breakdown.grads + breakdown.optimizer + breakdown.master) * layers,
+        token_buffers=int(breakdown.buffers),
+        activations=int(breakdown.activations) * layers,
         total=total,
         capacity=capacity,
         fits=total <= capacity,
@@ -167,7 +320,7 @@ def plan_memory(spec: Spec, plan: Plan) -> Plan:
     return dataclasses.replace(plan, memory=memory)
 
 
-def choose_kernels(spec: Spec, plan: Plan) -> Plan:
+def choose_kernels(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     """Default backend and the GEMM row block for the permutation (tile choice lives in the kernels)."""
     tokens = spec.workload.tokens_per_rank * plan.dims.slots / max(1, plan.dims.experts)
     block_m = 16 if tokens <= 16 else 32 if tokens <= 64 else 64
@@ -175,29 +328,38 @@ def choose_kernels(spec: Spec, plan: Plan) -> Plan:
     return dataclasses.replace(plan, kernels=KernelPlan("torch", block_m, notes))
 
 
-def estimate_cost(spec: Spec, plan: Plan) -> Plan:
-    """Roofline time of the experts on one rank plus the comm phases, for one MoE layer forward."""
-    gpu = profiles.gpu(spec.cluster.gpu)
-    n, k, tokens = plan.dims.experts, plan.dims.top_k, spec.workload.tokens_per_rank
-    share = {g.name: g.count / n for g in plan.groups}
-    flops_tok = sum(share[g.name] * g.flops_per_token for g in plan.groups) * k
-    ranks = plan.placement.layers[0].ranks if plan.placement.layers else ((),)
-    held = max(ranks, key=len)
-    weight_bytes = 0
-    for g in plan.groups:
-        count = sum(1 for e in held if g.first <= e < g.first + g.count)
-        weight_bytes += int(count * g.params_per_expert * g.bytes_per_param)
-    compute_us = tokens * flops_tok / (gpu.tflops_bf16 * 1e12) * 1e6
-    memory_us = weight_bytes / (gpu.hbm_gbps * 1e9) * 1e6
-    experts_us = max(compute_us, memory_us)
-    comm_us = plan.comm.predicted_us.get(plan.comm.dispatch, 0.0) if plan.comm else 0.0
+def estimate_cost(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
+    """Predicted phases of one MoE layer forward on the busiest rank, and the pipelined total."""
+    gpu = _gpu(spec)
+    experts_us = max(plan_rank_compute(spec, plan, gpu))
+    comm_us = plan.comm.predicted_us.get(plan.comm.dispatch, 0.0)
     phases = {"dispatch": comm_us, "experts": experts_us, "combine": comm_us}
+    if spec.shared is not None:
+        shape = cost.ExpertShape(
+            plan.dims.hidden, spec.shared.ffn, spec.shared.kind == "glu", spec.shared.dtype
+        )
+        phases["shared (overlaps dispatch)"] = cost.expert_time_us(
+            shape, spec.workload.tokens_per_rank, gpu
+        )
+    stages = [(0.0, comm_us), (0.0, experts_us), (0.0, comm_us)]
+    total = cost.pipeline_us(stages, plan.comm.chunks) if comm_us else experts_us
+    if spec.shared is not None:
+        total += max(0.0, phases["shared (overlaps dispatch)"] - comm_us)
+    shapes = _shapes(plan)
+    share = [g.count / plan.dims.experts for g in plan.groups]
+    flops_tok = (
+        sum(s * g.flops_per_token for s, g in zip(share, plan.groups, strict=True))
+        * plan.dims.top_k
+    )
+    held = plan.placement.layers[0].ranks[0]
+    weight_bytes = int(sum(shapes[e].weight_bytes for e in held))
     phases = {name: round(us, 3) for name, us in phases.items()}
-    cost = CostPlan(phases, round(sum(phases.values()), 3), int(flops_tok), weight_bytes)
-    return dataclasses.replace(plan, cost=cost)
+    return dataclasses.replace(
+        plan, cost=CostPlan(phases, round(total, 3), int(flops_tok), weight_bytes)
+    )
 
 
-Pass = Callable[[Spec, Plan | None], Plan]
+Pass = Callable[[Spec, Plan | None, Path | None], Plan]
 PASSES: tuple[Pass, ...] = (
     canonicalize,
     place_experts,
@@ -227,6 +389,18 @@ def check_invariants(spec: Spec, plan: Plan) -> None:
             need(len(layer.ranks) == plan.mesh.ep, "one expert list per ep rank")
             placed = {e for ids in layer.ranks for e in ids}
             need(placed == set(range(plan.dims.experts)), "every expert placed")
+            slots = sum(len(ids) for ids in layer.ranks)
+            need(
+                slots == plan.dims.experts + spec.placement.redundant, "slots = experts + redundant"
+            )
+            share_E = [0.0] * plan.dims.experts
+            for ids, shares in zip(layer.ranks, layer.shares, strict=True):
+                for e, share in zip(ids, shares, strict=True):
+                    share_E[e] += share
+            need(
+                all(abs(x - 1.0) < 1e-4 for x in share_E),
+                "each expert's copies serve all its tokens",
+            )
             need(
                 all(len(set(ids)) == len(ids) for ids in layer.ranks),
                 "no duplicate expert on a rank",
@@ -238,11 +412,16 @@ def check_invariants(spec: Spec, plan: Plan) -> None:
         need(all(us >= 0 for us in plan.cost.phases_us.values()), "phase times are non-negative")
 
 
-def run_passes(spec: Spec, trace: Callable[[str, Plan], None] | None = None) -> Plan:
-    """Run every pass in order, checking invariants after each; ``trace`` sees each intermediate plan."""
+def run_passes(
+    spec: Spec, base_dir: Path | None = None, trace: Callable[[str, Plan], None] | None = None
+) -> Plan:
+    """Run every pass in order, checking invariants after each; ``trace`` sees each intermediate plan.
+
+    ``base_dir`` is the spec file's folder: ``placement.trace`` is relative to it.
+    """
     plan: Plan | None = None
     for step in PASSES:
-        plan = step(spec, plan)
+        plan = step(spec, plan, base_dir)
         try:
             check_invariants(spec, plan)
         except PlanInvariantError as exc:

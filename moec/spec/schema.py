@@ -171,8 +171,10 @@ class Link(Strict):
 
 
 class Links(Strict):
-    intra: Link = Link(gbps=370.0, latency_us=3.0)
-    inter: Link = Link(gbps=50.0, latency_us=8.0)
+    """Link classes; ``null`` takes the GPU profile's measured defaults (moec/plan/cost.py)."""
+
+    intra: Link | None = None  # within a node (NVLink)
+    inter: Link | None = None  # across nodes (InfiniBand / RoCE)
 
 
 class GpuProfile(Strict):

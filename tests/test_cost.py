@@ -1,0 +1,163 @@
+"""Planner cost model: alpha-beta fits, roofline, collectives, overlap and memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moec.plan.cost import (
+    PROFILES,
+    ExpertShape,
+    Link,
+    all_gather_us,
+    best_chunks,
+    choose_dispatch,
+    dispatch_traffic,
+    expert_time_us,
+    fit_alpha_beta,
+    flat_all_to_all_us,
+    hierarchical_all_to_all_us,
+    pipeline_us,
+    rank_memory,
+    token_cost_us,
+)
+
+# BENCH.md, all_to_all_single on 2 x H200: bytes per rank -> median µs. Half of each rank's buffer
+# goes to the other rank, so bytes on the wire are size / 2.
+BENCH_A2A = {16 * 2**20: 88.0, 64 * 2**20: 172.0, 256 * 2**20: 526.0, 2**30: 1726.0}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(1.0, 200.0), st.floats(5.0, 900.0))
+def test_fit_recovers_known_constants(alpha, gbps):
+    sizes = np.geomspace(1e3, 1e9, 12)
+    times = alpha + sizes / (gbps * 1e3)
+    for relative in (False, True):
+        link = fit_alpha_beta(sizes, times, relative=relative)
+        assert link.alpha_us == pytest.approx(alpha, rel=1e-6, abs=1e-6)
+        assert link.gb_per_s == pytest.approx(gbps, rel=1e-6)
+
+
+def test_fit_on_bench_numbers_is_close_to_the_h200_default():
+    sizes = [s / 2 for s in BENCH_A2A]
+    link = fit_alpha_beta(sizes, list(BENCH_A2A.values()), relative=True)
+    h200 = PROFILES["h200"].intra
+    assert (h200.alpha_us, h200.gb_per_s) == (55.0, 311.0)
+    assert 250 < link.gb_per_s < 400 and 30 < link.alpha_us < 130
+    assert h200.time_us(2**29) == pytest.approx(1726, rel=0.05)  # 1 GiB row, half on the wire
+    with pytest.raises(ValueError, match="at least two"):
+        fit_alpha_beta([1.0], [2.0])
+
+
+def test_roofline_crossover_matches_bench():
+    h100 = PROFILES["h100"]
+
+    def crossover(shape):
+        tokens = np.arange(1, 2000)
+        compute = tokens * shape.flops_per_token / h100.peak_flops(shape.dtype) * 1e6
+        times = np.array([expert_time_us(shape, t, h100) for t in tokens])
+        return tokens[np.argmax(np.isclose(times, compute))]
+
+    assert 200 <= crossover(ExpertShape(4096, 14336)) <= 320  # BENCH.md: ~295 tokens in bf16
+    assert 50 <= crossover(ExpertShape(4096, 14336, dtype="int4")) <= 90  # ~74 with int4
+    assert expert_time_us(ExpertShape(4096, 14336), 0, h100) == 0.0
+    fp8, bf16 = ExpertShape(4096, 1024, dtype="fp8"), ExpertShape(4096, 1024)
+    assert token_cost_us(fp8, h100) == pytest.approx(token_cost_us(bf16, h100) / 2)
+    assert fp8.weight_bytes == bf16.weight_bytes / 2 == 3 * 4096 * 1024
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ExpertShape(8, 8, dtype="fp4")
+
+
+def test_flat_all_to_all_one_node_is_alpha_beta():
+    link = Link(alpha_us=10.0, gb_per_s=100.0, msg_us=1.0)
+    send = np.full((4, 4), 1e6)
+    node_G = np.zeros(4, dtype=int)
+    assert flat_all_to_all_us(send, node_G, link, link) == pytest.approx(10 + 3 + 3e6 / 1e5)
+    assert hierarchical_all_to_all_us(send, node_G, link, link) == flat_all_to_all_us(
+        send, node_G, link, link
+    )
+
+
+def moe_traffic(nodes, gpn, top_k, experts, tokens, hidden, seed):
+    """Dispatch bytes of a balanced, contiguous placement with mildly skewed routing."""
+    rng = np.random.default_rng(seed)
+    num_g = nodes * gpn
+    node_G = np.repeat(np.arange(nodes), gpn)
+    share_EG = np.zeros((experts, num_g))
+    share_EG[np.arange(experts), np.arange(experts) * num_g // experts] = 1.0
+    probs_E = rng.dirichlet(np.full(experts, 4.0))
+    send, unique = dispatch_traffic(
+        share_EG, probs_E, np.full(num_g, tokens), top_k, hidden * 2, node_G
+    )
+    return send, unique, node_G
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 8),
+    st.sampled_from([2, 4, 8]),
+    st.integers(1, 8),
+    st.integers(0, 1000),
+    st.floats(1.0, 50.0),
+)
+def test_hierarchical_never_loses_when_nvlink_is_free(nodes, gpn, top_k, seed, inter_gbps):
+    send, unique, node_G = moe_traffic(nodes, gpn, top_k, 64, 512, 1024, seed)
+    free = Link(alpha_us=0.0, gb_per_s=1e9)
+    inter = Link(alpha_us=20.0, gb_per_s=inter_gbps, msg_us=2.0)
+    flat = flat_all_to_all_us(send, node_G, free, inter)
+    hier = hierarchical_all_to_all_us(send, node_G, free, inter, unique)
+    assert hier <= flat * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("nodes", [2, 4, 8])
+def test_hierarchical_beats_flat_over_slow_inter_node_links(nodes):
+    send, unique, node_G = moe_traffic(nodes, 8, 8, 256, 4096, 7168, seed=0)
+    h100 = PROFILES["h100"]
+    flat = flat_all_to_all_us(send, node_G, h100.intra, h100.inter)
+    hier = hierarchical_all_to_all_us(send, node_G, h100.intra, h100.inter, unique)
+    assert hier < flat
+    gather = np.full(len(node_G), 4096 * 7168 * 2.0)
+    choice = choose_dispatch(send, node_G, h100.intra, h100.inter, gather, unique)
+    assert choice.choice == min(
+        ("flat", "hierarchical", "all_gather"),
+        key=lambda k: getattr(choice, f"{k}_us"),
+    )
+
+
+def test_dispatch_traffic_counts_each_token_once_per_rank():
+    send, unique, node_G = moe_traffic(2, 4, 1, 16, 100, 8, seed=1)
+    assert np.allclose(send.sum(1), 100 * 16)  # top-1: every token goes to exactly one rank
+    assert np.allclose(unique.sum(1), 100 * 16)
+    send8, unique8, _ = moe_traffic(2, 4, 8, 16, 100, 8, seed=1)
+    assert np.all(unique8.sum(1) < send8.sum(1))  # de-duplication per node pays off
+
+
+def test_all_gather_single_and_multi_node():
+    link = Link(alpha_us=5.0, gb_per_s=100.0)
+    one = all_gather_us(np.full(4, 1e6), np.zeros(4, dtype=int), link, link)
+    assert one == pytest.approx(5.0 + 3e6 / 1e5)
+    slow = Link(alpha_us=5.0, gb_per_s=1.0)
+    two = all_gather_us(np.full(4, 1e6), np.array([0, 0, 1, 1]), link, slow)
+    assert two == pytest.approx(5.0 + 1e6 / 1e3)  # 2 MB off-node over two NICs
+
+
+def test_pipeline_formula():
+    stages = [(10.0, 300.0), (0.0, 400.0), (10.0, 300.0)]
+    assert pipeline_us(stages, 1) == pytest.approx(1020.0)
+    assert pipeline_us(stages, 4) == pytest.approx(85 + 100 + 85 + 3 * 100)
+    chunks, best = best_chunks(stages)
+    assert best < pipeline_us(stages, 1) and 1 < chunks < 16
+    with pytest.raises(ValueError):
+        pipeline_us(stages, 0)
+
+
+def test_rank_memory_train_and_inference():
+    train = rank_memory(2e9, 1e9, True, 1000, 2000, 4096, 1024)
+    assert (train.grads, train.optimizer, train.master) == (2e9, 8e9, 4e9)
+    assert train.buffers == 2 * 3000 * 4096 * 2
+    assert train.total == train.states + train.activations > train.states
+    infer = rank_memory(1e9, 1e9, False, 1000, 2000, 4096, 1024)
+    assert infer.grads == infer.optimizer == infer.master == 0.0
+    assert infer.activations < train.activations
