@@ -203,7 +203,7 @@ def place_experts(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     counts_E = np.asarray(routing.layers[0].counts_E, dtype=np.float64)
     probs = tuple(round(float(p), 9) for p in counts_E / max(counts_E.sum(), 1e-30))
     plan_placement = PlacementPlan(
-        spec.placement.strategy, layers, source, round(placed.gap, 6), probs
+        spec.placement.strategy, layers, source, round(max(0.0, placed.gap), 6), probs
     )
     return dataclasses.replace(plan, placement=plan_placement)
 
