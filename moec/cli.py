@@ -115,6 +115,30 @@ def cmd_import_hf(args) -> int:
     return EXIT_OK
 
 
+def cmd_trace(args) -> int:
+    import subprocess
+    import tempfile
+
+    from moec.codegen import build_files, writer
+
+    script = Path(__file__).resolve().parent / "runtime" / "trace_layer.py"
+    with tempfile.TemporaryDirectory(prefix="moec-trace-") as tmp:
+        if args.package:
+            package = Path(args.package)
+        else:
+            spec, _, files = build_files(args.spec)
+            package = Path(tmp) / spec.name
+            writer.write_package(package, files)
+        command = [args.python, str(script), str(package), "-o", args.output]
+        command += ["--tokens", str(args.tokens), "--seed", str(args.seed)]
+        command += ["--inputs", args.inputs] if args.inputs else []
+        command += ["--weights", args.weights] if args.weights else []
+        try:
+            return subprocess.run(command, check=False).returncode
+        except OSError as exc:
+            raise UsageError(f"cannot run {args.python}: {exc}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moec", description="A compiler for Mixture-of-Experts layers."
@@ -155,6 +179,23 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--name", help="spec name (default: from the model type)")
     i.add_argument("--layer", type=int, help="which layer, for configs with per-layer values")
     i.set_defaults(func=cmd_import_hf)
+
+    t = sub.add_parser(
+        "trace", help="record a routing trace (placement.trace) from the generated layer"
+    )
+    t.add_argument("spec")
+    t.add_argument("-o", "--output", required=True, help="trace JSON to write")
+    t.add_argument("--package", help="use this generated package instead of building the spec")
+    t.add_argument(
+        "--inputs", help="torch.save'd hidden states [T, H] or [B, S, H] (default: random)"
+    )
+    t.add_argument("--weights", help="the layer's weights, as written by MoELayer.save_safetensors")
+    t.add_argument("--tokens", type=int, default=4096, help="random tokens when no --inputs")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--python", default=sys.executable, help="the Python (with torch) that runs the layer"
+    )
+    t.set_defaults(func=cmd_trace)
     return p
 
 

@@ -143,3 +143,23 @@ def test_hostile_file_names_stay_in_comments(tmp_path, monkeypatch):
     for path in Path("out").rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not line.startswith("import os;"), path
+
+
+def test_trace_records_counts_and_pairs_the_planner_reads(spec, capsys):
+    assert main(["trace", spec, "-o", "trace.json", "--tokens", "300"]) == 0
+    trace = json.loads(Path("trace.json").read_text())
+    counts = trace["layers"][0]["counts"]
+    assert len(counts) == 24 and sum(counts) == 300 * 4
+    assert all(i < j and n > 0 for i, j, n in trace["layers"][0]["pairs"])
+    text = (
+        Path(spec)
+        .read_text()
+        .replace("workload:", "placement: {strategy: balanced, trace: trace.json}\nworkload:")
+    )
+    Path(spec).write_text(text)
+    capsys.readouterr()
+    assert main(["plan", spec, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["placement"]["source"] == "trace.json"
+    probs = plan["placement"]["pick_probs"]
+    assert abs(probs[0] - counts[0] / sum(counts)) < 1e-6
