@@ -25,6 +25,8 @@ from moec.plan.ir import Plan
 from moec.spec import Spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# The Triton kernel library: plain Python, copied into every package as kernels/ (with a header).
+KERNELS = TEMPLATES / "kernels_src" / "moe_kernels"
 BLACK_MODE = black.Mode(line_length=100, target_versions={black.TargetVersion.PY310})
 
 # generated path -> (template under templates/, the context flag that says the spec needs the file)
@@ -37,6 +39,8 @@ PACKAGE_FILES = {
     "quant.py": ("torch/quant.py.jinja", "any_quantized"),
     "comm.py": ("torch/comm.py.jinja", "distributed"),
     "weights.py": ("torch/weights.py.jinja", None),
+    "backend.py": ("torch/backend.py.jinja", None),
+    "tuning.py": ("torch/tuning.py.jinja", None),
     "launch/__init__.py": ("torch/launch/__init__.py.jinja", None),
     "launch/run.py": ("torch/launch/run.py.jinja", None),
 }
@@ -107,18 +111,30 @@ def render_package(spec: Spec, plan: Plan, origin: Origin) -> dict[str, bytes]:
     for path, (template, needed_if) in PACKAGE_FILES.items():
         if needed_if is not None and not context[needed_if]:
             continue
-        file = {
-            "version": context["version"],
-            "spec_path": origin.spec_path,
-            "spec_hash": plan.spec_hash,
-            "template": template,
-            "command": origin.command,
-        }
+        file = _header_info(context, plan, origin, template)
         text = environment().get_template(template).render(**context, file=file)
         files[path] = _finish(path, text, template).encode()
+    for source in sorted(KERNELS.glob("*.py")):
+        template = f"kernels_src/moe_kernels/{source.name}"
+        text = (
+            environment()
+            .get_template("kernels/_copy.py.jinja")
+            .render(file=_header_info(context, plan, origin, template), source=source.read_text())
+        )
+        files[f"kernels/{source.name}"] = _finish(source.name, text, template).encode()
     files["plan.json"] = plan.to_json().encode()
     files["PLAN.md"] = plan_markdown(spec, plan, origin).encode()
     return dict(sorted(files.items()))
+
+
+def _header_info(context: dict, plan: Plan, origin: Origin, template: str) -> dict:
+    return {
+        "version": context["version"],
+        "spec_path": origin.spec_path,
+        "spec_hash": plan.spec_hash,
+        "template": template,
+        "command": origin.command,
+    }
 
 
 def _finish(path: str, text: str, template: str) -> str:

@@ -327,6 +327,49 @@ def weights_view(spec: Spec, plan: Plan) -> dict:
     }
 
 
+def kernels_view(spec: Spec, plan: Plan) -> dict:
+    """Arguments of the Triton kernels for this spec, as literals; the tuned tile tables."""
+    r, g = spec.router, spec.router.groups
+    norm = r.normalize
+    routing_args = {
+        "score": r.score,
+        "topk_on": r.topk_on,
+        "n_group": g.count if g else 1,
+        "topk_group": g.keep if g else 1,
+        "group_score": g.score if g else "top2_sum",
+        "group_masked_value": g.masked if g else "-inf",
+        "weights_from_masked": bool(g and g.weights_from == "masked"),
+        "norm": norm.kind,
+        "norm_eps": norm.eps,
+        "norm_clamp_min": norm.clamp_min or 0.0,
+        "norm_p": norm.p or 1.0,
+        "scale": r.scale,
+    }
+    k = plan.kernels
+    tables = {shape: dict(buckets) for shape, buckets in k.tuning}
+    return {
+        "routing_kernel": k.routing_kernel,
+        "routing_args": [(name, repr(value)) for name, value in routing_args.items()],
+        "tuning_source": k.tuning_source,
+        "tuning_table": pprint.pformat(tables, width=100, sort_dicts=True),
+    }
+
+
+def expert_kernel_args(mlp: MLP) -> list[tuple[str, str]]:
+    """Keyword arguments of kernels.moe_experts for one group's MLP form."""
+    args = {
+        "activation": mlp.activation,
+        "glu_form": mlp.glu if mlp.kind == "glu" else "none",
+    }
+    if mlp.limit is not None:
+        args["limit"] = mlp.limit
+    if mlp.alpha is not None:
+        args["alpha"] = mlp.alpha
+    if mlp.gate_softcap is not None:
+        args["gate_softcap"], args["up_softcap"] = mlp.gate_softcap, mlp.up_softcap
+    return [(name, repr(value)) for name, value in args.items()]
+
+
 def package_context(spec: Spec, plan: Plan) -> dict:
     """The context shared by every template of the package (each file adds its own ``file``)."""
     expert_in = plan.dims.expert_in
@@ -334,6 +377,9 @@ def package_context(spec: Spec, plan: Plan) -> dict:
     groups = [
         group_view(g, m, expert_in, sharded) for g, m in zip(plan.groups, spec.experts, strict=True)
     ]
+    for group, mlp in zip(groups, spec.experts, strict=True):
+        group["kernel"] = group["name"] in plan.kernels.expert_kernel_groups
+        group["kernel_args"] = expert_kernel_args(mlp)
     shared = shared_view(spec)
     router = router_view(spec, plan)
     return {
@@ -354,4 +400,5 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         "dispatch": plan.comm.dispatch if plan.comm else "local",
         **layer_view(spec, plan, groups, shared),
         **weights_view(spec, plan),
+        **kernels_view(spec, plan),
     }

@@ -110,8 +110,14 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class KernelPlan:
-    backend: str  # default backend of the generated layer on CUDA
-    block_m: int
+    """What the Triton backend runs: which parts have kernels, and the tuned tile tables."""
+
+    routing_kernel: bool  # the fused routing kernel covers this router (else the torch router)
+    expert_kernel_groups: tuple[str, ...]  # groups run by the grouped GEMMs (quantised: torch)
+    tuning_source: str | None  # the moec tune file, or None: the kernels' heuristic
+    tuning: tuple[
+        tuple[tuple[int, int, int, int], tuple[tuple[int, dict], ...]], ...
+    ]  # (H,F,E,K) -> buckets
     notes: tuple[str, ...]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moec.plan import cost, placement, topology
+from moec.plan import tuning as tuning_mod
 from moec.plan import trace as trace_mod
 from moec.plan.ir import (
     CommPlan,
@@ -320,12 +321,36 @@ def plan_memory(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     return dataclasses.replace(plan, memory=memory)
 
 
+def routing_kernel_covers(spec: Spec) -> bool:
+    """Whether the fused routing kernel computes exactly this router's selection and weights.
+
+    The kernel adds the selection bias to whatever it ranks (scores, or logits with topk_on
+    logits); a bias on the logits while ranking scores, zero experts, and the non-top-k routers stay
+    on the torch path.
+    """
+    r = spec.router
+    bias_ok = r.selection_bias == "none" or (r.selection_bias == "scores") == (
+        r.topk_on == "scores"
+    )
+    return r.kind == "token_choice" and spec.zero_experts == 0 and bias_ok
+
+
 def choose_kernels(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
-    """Default backend and the GEMM row block for the permutation (tile choice lives in the kernels)."""
-    tokens = spec.workload.tokens_per_rank * plan.dims.slots / max(1, plan.dims.experts)
-    block_m = 16 if tokens <= 16 else 32 if tokens <= 64 else 64
-    notes = ("torch backend on CPU; Triton kernels on CUDA when the package ships them",)
-    return dataclasses.replace(plan, kernels=KernelPlan("torch", block_m, notes))
+    """Which parts run as Triton kernels on CUDA, and the tile tables from ``moec tune`` if given."""
+    groups = tuple(g.name for g in plan.groups if g.dtype in ("fp32", "bf16", "fp16"))
+    notes = []
+    if len(groups) < len(plan.groups):
+        notes.append(
+            "quantised groups run the torch path (dequantise per expert); no int/fp8 kernels yet"
+        )
+    if not routing_kernel_covers(spec):
+        notes.append("this router runs the torch path (the routing kernel does not cover it)")
+    tuning, source = (), None
+    if spec.kernels.tuning is not None:
+        source = spec.kernels.tuning
+        tuning = tuning_mod.load_tuning((base_dir or Path(".")) / source)
+    plan_kernels = KernelPlan(routing_kernel_covers(spec), groups, source, tuning, tuple(notes))
+    return dataclasses.replace(plan, kernels=plan_kernels)
 
 
 def estimate_cost(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:

@@ -210,6 +210,12 @@ class Workload(Strict):
     mode: Literal["train", "serve"] = "train"
 
 
+class Kernels(Strict):
+    """The Triton backend: a tile table measured by ``moec tune`` (path relative to the spec file)."""
+
+    tuning: str | None = None
+
+
 class Latent(Strict):
     """Experts run in a latent space: ``x_L = w_in x``, and the routed sum goes through ``w_out``."""
 
@@ -264,6 +270,7 @@ class Spec(Strict):
     placement: Placement = Placement()
     comm: Comm = Comm()
     workload: Workload = Workload()
+    kernels: Kernels = Kernels()
     checkpoint: Checkpoint = Checkpoint()
     source: Source = Source()
 

@@ -1,0 +1,62 @@
+"""Tile tables measured by ``moec tune``: read and validate the JSON it writes.
+
+{"gpu": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
+ "tables": [{"hidden": H, "ffn": F, "experts": E, "top_k": K,
+             "buckets": {"16": {"up": {GemmConfig fields}, "down": {...}}, ...}}]}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moec.errors import UsageError
+
+GEMM_FIELDS = {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"}
+POW2 = {"block_m", "block_n", "block_k"}
+
+Table = tuple[tuple[tuple[int, int, int, int], tuple[tuple[int, dict], ...]], ...]
+
+
+def load_tuning(path: Path) -> Table:
+    """((H, F, E, K), ((bucket, {"up": {...}, "down": {...}}), ...)), ...), sorted; UsageError if bad."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the tuning table (kernels.tuning): {exc}") from None
+    out = []
+    for i, table in enumerate(_list(data, "tables", path)):
+        where = f"{path}: tables[{i}]"
+        try:
+            shape = tuple(int(table[k]) for k in ("hidden", "ffn", "experts", "top_k"))
+            buckets = tuple(
+                sorted(
+                    (int(b), _config(c, f"{where}.buckets[{b}]"))
+                    for b, c in table["buckets"].items()
+                )
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UsageError(f"{where}: malformed entry ({exc})") from None
+        out.append((shape, buckets))
+    return tuple(sorted(out))
+
+
+def _list(data, key: str, path: Path) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise UsageError(f"{path}: expected an object with a list '{key}'")
+    return data[key]
+
+
+def _config(config: dict, where: str) -> dict:
+    out = {}
+    for side in ("up", "down"):
+        fields = config[side]
+        if set(fields) - GEMM_FIELDS or not {"block_m", "block_n", "block_k"} <= set(fields):
+            raise UsageError(f"{where}.{side}: fields must be {sorted(GEMM_FIELDS)}")
+        for name, value in fields.items():
+            if not isinstance(value, int) or value < 1 or (name in POW2 and value & (value - 1)):
+                raise UsageError(
+                    f"{where}.{side}.{name}: must be a positive integer{' power of 2' if name in POW2 else ''}"
+                )
+        out[side] = dict(sorted(fields.items()))
+    return out

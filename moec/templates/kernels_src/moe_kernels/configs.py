@@ -1,0 +1,96 @@
+"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables.
+
+Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape of one grouped GEMM (all powers of two)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Configs of the up and down GEMMs of one call.
+
+    The slots are aligned to the larger of the two block_m; the GEMM with the smaller block_m runs
+    several row blocks per aligned block and skips those that hold only padding.
+    """
+
+    up: GemmConfig
+    down: GemmConfig
+
+    @property
+    def block_m(self) -> int:
+        return max(self.up.block_m, self.down.block_m)
+
+
+def default_config(
+    M_tokens: int, H: int, F: int, E: int, K: int, dtype=torch.bfloat16
+) -> MoeConfig:
+    """Pick tiles from the shape and the token count.
+
+    The rows an expert sees on average, T*K/E, decide the regime: a few rows per expert is a
+    weight-streaming (memory-bound) problem, where a small BLOCK_M wastes no padding and a long
+    BLOCK_K keeps many weight bytes in flight; hundreds of rows per expert is compute-bound, where
+    large tiles and deep pipelines feed the tensor cores. The tiles are the winners of a sweep on
+    an H100 (bench/moe_kernels.py --sweep, 2026-11-23) over Mixtral, Qwen3-30B-A3B, OLMoE and
+    DeepSeek-V3 shapes; within a regime the best candidates were within a few percent of each other.
+    """
+    rows = M_tokens * K / max(E, 1)
+    if rows <= 8:
+        up, down = GemmConfig(16, 32, 256, 1, 4, 4), GemmConfig(16, 64, 256, 1, 4, 3)
+    elif rows <= 32:
+        up, down = GemmConfig(32, 128, 128, 8, 4, 3), GemmConfig(32, 128, 128, 8, 4, 3)
+    elif rows <= 64:
+        up, down = GemmConfig(64, 64, 128, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
+    else:
+        up, down = GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 4)
+    if dtype == torch.float32:  # 4-byte tiles: keep the shared-memory ring within 227 KB
+        up, down = (replace(c, block_k=min(c.block_k, 32), num_stages=2) for c in (up, down))
+    return MoeConfig(_fit(up, H, F), _fit(down, F, H))
+
+
+def _fit(c: GemmConfig, reduce_dim: int, out_dim: int) -> GemmConfig:
+    """Shrink block_k / block_n to the problem (no tile wider than the next power of two)."""
+    bk = max(16, min(c.block_k, triton.next_power_of_2(reduce_dim)))
+    bn = max(16, min(c.block_n, triton.next_power_of_2(out_dim)))
+    return GemmConfig(c.block_m, bn, bk, c.group_m, c.num_warps, c.num_stages)
+
+
+def pick_config(
+    M_tokens: int,
+    H: int,
+    F: int,
+    E: int,
+    K: int,
+    dtype: torch.dtype,
+    table: dict | None = None,
+) -> MoeConfig:
+    """The config for a call: from ``table`` when given, else ``default_config``.
+
+    ``table`` maps a token-count bucket to a ``MoeConfig`` (or a dict ``{"up": {...}, "down":
+    {...}}`` of GemmConfig fields); the entry with the largest bucket <= M_tokens is used (the
+    smallest bucket when M_tokens is below all of them).
+    """
+    if not table:
+        return default_config(M_tokens, H, F, E, K, dtype)
+    buckets = sorted(table)
+    below = [b for b in buckets if b <= M_tokens]
+    c = table[below[-1] if below else buckets[0]]
+    if isinstance(c, dict):
+        c = MoeConfig(GemmConfig(**c["up"]), GemmConfig(**c["down"]))
+    return c

@@ -1,0 +1,334 @@
+"""The public ops: routing and expert compute as ``torch.library`` custom ops with autograd.
+
+Layering (as in ScatterMoE): Triton kernels (``routing``, ``permute``, ``grouped_gemm``) → these
+custom ops (fake implementations for ``torch.compile``, autograd formulas) → thin Python functions
+``moe_routing`` / ``moe_experts`` with keyword defaults.
+
+Dispatch: CUDA tensors (or any tensors when this package was imported under ``TRITON_INTERPRET=1``)
+run the Triton kernels; other tensors run the plain-torch oracle in ``reference``, so the ops also
+work on a CPU without a GPU.
+
+Backward: the gradients are computed in plain torch by differentiating the oracle with the forward's
+routing held fixed (recomputation; correct, not yet fast). The experts backward is its own custom op
+so that ``torch.compile`` never traces its data-dependent shapes.
+
+Ops live in the namespace of the package they are copied into (``pkg.kernels`` → ``pkg_kernels``),
+so two generated packages can be imported in one process.
+
+Shape legend: T tokens, H hidden, F expert width, E experts (of this group), K top-k,
+X = 2F (GLU) or F (plain MLP).
+"""
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import grouped_gemm, permute, reference, routing
+from .configs import MoeConfig, pick_config
+
+NAMESPACE = (__package__ or "moe_kernels").replace(".", "_")
+
+# (H, F, E, K) -> {token bucket: MoeConfig}; see ``register_configs``.
+_CONFIG_TABLES: dict[tuple[int, int, int, int], dict] = {}
+
+
+def register_configs(H: int, F: int, E: int, K: int, table: dict) -> None:
+    """Use ``table`` ({token-count bucket: MoeConfig or dict}) for expert calls of this shape."""
+    _CONFIG_TABLES[(H, F, E, K)] = dict(table)
+
+
+# Triton decides at decoration (import) time whether kernels are interpreted; follow the same
+# decision, so CPU tensors reach the kernels exactly when the kernels can run on the CPU.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda or _INTERPRETED
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{NAMESPACE}::moe_routing", mutates_args=())
+def _routing_op(
+    logits_TE: Tensor,
+    top_k: int,
+    selection_bias_E: Optional[Tensor],  # noqa: UP045 (custom_op schema inference wants Optional)
+    score: str,
+    topk_on: str,
+    n_group: int,
+    topk_group: int,
+    group_score: str,
+    group_masked_value: str,
+    weights_from_masked: bool,
+    norm: str,
+    norm_eps: float,
+    norm_clamp_min: float,
+    norm_p: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    fn = routing.moe_routing if _use_triton(logits_TE) else reference.moe_routing
+    ids, w = fn(
+        logits_TE, top_k, selection_bias_E, score, topk_on, n_group, topk_group, group_score,
+        group_masked_value, weights_from_masked, norm, norm_eps, norm_clamp_min, norm_p, scale,
+    )  # fmt: skip
+    return ids, w
+
+
+@_routing_op.register_fake
+def _(logits_TE, top_k, *args):
+    T = logits_TE.shape[0]
+    return (
+        logits_TE.new_empty(T, top_k, dtype=torch.int32),
+        logits_TE.new_empty(T, top_k, dtype=torch.float32),
+    )
+
+
+def _routing_setup(ctx, inputs, output):
+    logits_TE, top_k, selection_bias_E, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(logits_TE, selection_bias_E, output[0])
+
+
+def _routing_backward(ctx, grad_ids, grad_w_TK):
+    logits_TE, selection_bias_E, ids_TK = ctx.saved_tensors
+    score, topk_on, n_group, topk_group, group_score, _, wfm, norm, eps, cmin, p, scale = (
+        ctx.options
+    )
+    keep = None
+    if wfm and n_group > 1:
+        key = reference.selection_key(logits_TE, selection_bias_E, score, topk_on)
+        keep = reference.group_keep_mask(key, n_group, topk_group, group_score)
+    with torch.enable_grad():
+        x = logits_TE.detach().requires_grad_()
+        w = reference.routing_weights_from_ids(x, ids_TK, score, topk_on, keep)
+        w = reference.normalize_weights(w, norm, eps, cmin, p) * scale
+        (grad_x,) = torch.autograd.grad(w, x, grad_w_TK)
+    return (grad_x,) + (None,) * 14
+
+
+_routing_op.register_autograd(_routing_backward, setup_context=_routing_setup)
+
+
+def moe_routing(
+    logits_TE: Tensor,
+    top_k: int,
+    selection_bias_E: Tensor | None = None,
+    score: str = "softmax",
+    topk_on: str = "scores",
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "top2_sum",
+    group_masked_value: str = "-inf",
+    weights_from_masked: bool = False,
+    norm: str = "none",
+    norm_eps: float = 0.0,
+    norm_clamp_min: float = 0.0,
+    norm_p: float = 1.0,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Route tokens: (topk_ids_TK int32, topk_weights_TK float32). Differentiable in the logits.
+
+    Every argument is documented on ``routing.moe_routing``.
+    """
+    return _routing_op(
+        logits_TE, top_k, selection_bias_E, score, topk_on, n_group, topk_group, group_score,
+        group_masked_value, weights_from_masked, norm, norm_eps, norm_clamp_min, norm_p, scale,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Experts
+# --------------------------------------------------------------------------------------------------
+def moe_experts_triton(
+    x_TH: Tensor,
+    topk_ids_TK: Tensor,
+    topk_weights_TK: Tensor,
+    w_up_EXH: Tensor,
+    w_down_EHF: Tensor,
+    b_up_EX: Tensor | None = None,
+    b_down_EH: Tensor | None = None,
+    first_expert_id: int = 0,
+    activation: str = "silu",
+    glu_form: str = "standard",
+    limit: float = 0.0,
+    alpha: float = 1.702,
+    gate_softcap: float = 1.0,
+    up_softcap: float = 1.0,
+    weight_on_input: bool = False,
+    config: MoeConfig | None = None,
+) -> Tensor:
+    """The forward through the kernels (no autograd): align → up GEMM + GLU → down GEMM → combine.
+
+    ``config`` overrides the tile choice (else the registered table or ``default_config``).
+    """
+    T, H = x_TH.shape
+    K = topk_ids_TK.shape[1]
+    E, _, F = w_down_EHF.shape
+    if config is None:
+        table = _CONFIG_TABLES.get((H, F, E, K))
+        config = pick_config(T, H, F, E, K, x_TH.dtype, table)
+    x_TH, w_up_EXH, w_down_EHF = x_TH.contiguous(), w_up_EXH.contiguous(), w_down_EHF.contiguous()
+    b_up_EX = None if b_up_EX is None else b_up_EX.contiguous()
+    b_down_EH = None if b_down_EH is None else b_down_EH.contiguous()
+    ids = topk_ids_TK.to(torch.int32).contiguous()
+    rw_N = topk_weights_TK.reshape(-1).float().contiguous()
+    al = permute.align_by_expert(ids, E, config.block_m, first_expert_id)
+    h_PF = grouped_gemm.up_proj(
+        x_TH, w_up_EXH, b_up_EX, rw_N if weight_on_input else None, al.sorted_slot_ids_P,
+        al.expert_of_block_B, K, config.up, activation, glu_form, limit, alpha, gate_softcap,
+        up_softcap,
+    )  # fmt: skip
+    o_NH = grouped_gemm.down_proj(
+        h_PF, w_down_EHF, b_down_EH, None if weight_on_input else rw_N, al.sorted_slot_ids_P,
+        al.expert_of_block_B, T * K, config.down,
+    )  # fmt: skip
+    return grouped_gemm.combine(o_NH, ids, E, first_expert_id)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::moe_experts", mutates_args=())
+def _experts_op(
+    x_TH: Tensor,
+    topk_ids_TK: Tensor,
+    topk_weights_TK: Tensor,
+    w_up_EXH: Tensor,
+    w_down_EHF: Tensor,
+    b_up_EX: Optional[Tensor],  # noqa: UP045 (custom_op schema inference wants Optional)
+    b_down_EH: Optional[Tensor],  # noqa: UP045 (custom_op schema inference wants Optional)
+    first_expert_id: int,
+    activation: str,
+    glu_form: str,
+    limit: float,
+    alpha: float,
+    gate_softcap: float,
+    up_softcap: float,
+    weight_on_input: bool,
+) -> Tensor:
+    fn = moe_experts_triton if _use_triton(x_TH) else reference.moe_experts
+    return fn(
+        x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
+        first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
+        weight_on_input,
+    )  # fmt: skip
+
+
+@_experts_op.register_fake
+def _(x_TH, *args):
+    return torch.empty_like(x_TH)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::moe_experts_backward", mutates_args=())
+def _experts_backward_op(
+    grad_y_TH: Tensor,
+    x_TH: Tensor,
+    topk_ids_TK: Tensor,
+    topk_weights_TK: Tensor,
+    w_up_EXH: Tensor,
+    w_down_EHF: Tensor,
+    b_up_EX: Optional[Tensor],  # noqa: UP045 (custom_op schema inference wants Optional)
+    b_down_EH: Optional[Tensor],  # noqa: UP045 (custom_op schema inference wants Optional)
+    first_expert_id: int,
+    activation: str,
+    glu_form: str,
+    limit: float,
+    alpha: float,
+    gate_softcap: float,
+    up_softcap: float,
+    weight_on_input: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, routing weights, w_up, w_down, b_up, b_down); an absent bias gets [0].
+
+    ``torch.func.vjp`` of the oracle: autograd's own tape is off inside a custom op.
+    """
+    has_bu, has_bd = b_up_EX is not None, b_down_EH is not None
+
+    def forward(x, w, wu, wd, bu, bd):
+        return reference.moe_experts(
+            x, topk_ids_TK, w, wu, wd, bu if has_bu else None, bd if has_bd else None,
+            first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
+            weight_on_input,
+        )  # fmt: skip
+
+    empty = grad_y_TH.new_empty(0)
+    primals = (
+        x_TH, topk_weights_TK, w_up_EXH, w_down_EHF,
+        b_up_EX if has_bu else empty, b_down_EH if has_bd else empty,
+    )  # fmt: skip
+    _, vjp = torch.func.vjp(forward, *primals)
+    return tuple(g.contiguous() for g in vjp(grad_y_TH))
+
+
+@_experts_backward_op.register_fake
+def _(grad_y_TH, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *args):
+    def like(t):
+        return grad_y_TH.new_empty(0) if t is None else torch.empty_like(t)
+
+    return tuple(like(t) for t in (x_TH, w_TK, w_up, w_down, b_up, b_down))
+
+
+def _experts_setup(ctx, inputs, output):
+    x, ids, w, w_up, w_down, b_up, b_down, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(x, ids, w, w_up, w_down, b_up, b_down)
+
+
+def _experts_backward(ctx, grad_y_TH):
+    x, ids, w, w_up, w_down, b_up, b_down = ctx.saved_tensors
+    dx, dw, dwu, dwd, dbu, dbd = _experts_backward_op(
+        grad_y_TH.contiguous(), x, ids, w, w_up, w_down, b_up, b_down, *ctx.options
+    )
+    dbu = dbu if b_up is not None else None
+    dbd = dbd if b_down is not None else None
+    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 8
+
+
+_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+def moe_experts(
+    x_TH: Tensor,
+    topk_ids_TK: Tensor,
+    topk_weights_TK: Tensor,
+    w_up_EXH: Tensor,
+    w_down_EHF: Tensor,
+    b_up_EX: Tensor | None = None,
+    b_down_EH: Tensor | None = None,
+    first_expert_id: int = 0,
+    activation: str = "silu",
+    glu_form: str = "standard",
+    limit: float = 0.0,
+    alpha: float = 1.702,
+    gate_softcap: float = 1.0,
+    up_softcap: float = 1.0,
+    weight_on_input: bool = False,
+) -> Tensor:
+    """y_TH = Σ_k w_tk · expert_{id_tk}(x_t) over the slots of this expert group. Differentiable.
+
+    Args:
+        x_TH: [T, H] token activations (bf16 / fp16 / fp32; fp32 GEMMs run as TF32 on GPU).
+            The expert weights share x's dtype; biases may be any float dtype.
+        topk_ids_TK: [T, K] global expert ids (int32 or int64); -1 = dropped slot (skipped).
+        topk_weights_TK: [T, K] routing weights (float32 preferred).
+        w_up_EXH: [E, 2F, H] fused gate/up weight (rows [0:F] gate, [F:2F] up; nn.Linear layout),
+            or [E, F, H] when ``glu_form="none"``.
+        w_down_EHF: [E, H, F] down weight.
+        b_up_EX, b_down_EH: optional biases [E, 2F] (or [E, F]) and [E, H].
+        first_expert_id: this group handles global ids [first, first+E); other slots contribute 0,
+            so groups of different widths/dtypes can each run over the same routing and be summed.
+        activation: silu | gelu | gelu_tanh | relu | relu2 | sigmoid.
+        glu_form: standard act(g)*u | clamp_then_act act(min(g,L))*clamp(u,±L) | act_then_clamp
+            min(act(g),L)*clamp(u,±L) | gpt_oss (clamp(u,±L)+1)*g'*sigmoid(alpha*g'), g'=min(g,L)
+            | softcap_sigmoid gc*tanh(g/gc)*sigmoid(g)*uc*tanh(u/uc) | none: act(up) (plain MLP).
+        limit, alpha, gate_softcap, up_softcap: parameters of the GLU form (L, alpha, gc, uc).
+        weight_on_input: the routing weight scales the expert input (Llama-4) instead of its output.
+
+    Returns:
+        y_TH [T, H] in x's dtype.
+    """
+    return _experts_op(
+        x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
+        first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
+        weight_on_input,
+    )  # fmt: skip

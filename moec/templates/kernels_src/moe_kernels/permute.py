@@ -1,0 +1,156 @@
+"""Group routing slots by expert and pad each expert's segment to the GEMM block size.
+
+Two launches, no host sync, no atomics, deterministic (a stable sort: ascending slot within an
+expert):
+
+1. ``_count_kernel``: each program counts the slots of its chunk per expert → hist [chunks, E].
+2. ``_scatter_kernel``: each program sums the histogram (total per expert, and the part of the chunks
+   before its own), derives the padded expert offsets, scatters the slot ids of its chunk to their
+   sorted positions, and fills its share of the per-block table (expert of each block, sentinel for
+   padding rows).
+
+Output sizes depend only on N, E and BLOCK_M (``max_padded_rows``), so the launches that follow can
+be sized without reading anything back. Shape legend: T tokens, K top-k, N = T*K slots, E experts,
+P padded rows, B = P / BLOCK_M blocks.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import Alignment, max_padded_rows
+
+
+@triton.jit
+def _local_expert(ids_ptr, offs, N, first_expert, E: tl.constexpr):
+    """Local expert of each slot in ``offs`` and whether the slot belongs to this group."""
+    raw = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+    ok = (offs < N) & (raw >= first_expert) & (raw < first_expert + E) & (raw >= 0)
+    return raw - first_expert, ok
+
+
+@triton.jit
+def _count_kernel(
+    ids_ptr,  # [N] int32 expert id per slot (-1 = dropped)
+    hist_ptr,  # [chunks, E_PAD] int32 out
+    N,
+    chunk,
+    first_expert,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, E_PAD)
+    hist = tl.zeros([E_PAD], tl.int32)
+    for start in range(0, chunk, SUB):
+        offs = pid * chunk + start + tl.arange(0, SUB)
+        e, ok = _local_expert(ids_ptr, offs, N, first_expert, E)
+        hit = (e[:, None] == cols[None, :]) & ok[:, None]
+        hist += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(hist_ptr + pid * E_PAD + cols, hist)
+
+
+@triton.jit
+def _scatter_kernel(
+    ids_ptr,  # [N] int32
+    hist_ptr,  # [chunks, E_PAD] int32 from _count_kernel
+    sorted_ptr,  # [P] int32 out: slot ids in expert order, sentinel N on padding rows
+    eob_ptr,  # [B] int32 out: local expert of each block, -1 past the last expert
+    offsets_ptr,  # [E + 1] int32 out: padded start row of each expert
+    counts_ptr,  # [E] int32 out
+    N,
+    chunk,
+    num_chunks,
+    num_blocks,
+    blocks_per_prog,
+    first_expert,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], tl.int32)
+    before = tl.zeros([E_PAD], tl.int32)  # slots of each expert in the chunks before this one
+    for c0 in range(0, num_chunks, CHUNK_ROWS):  # CHUNK_ROWS histogram rows per step
+        c = c0 + tl.arange(0, CHUNK_ROWS)
+        h = tl.load(hist_ptr + c[:, None] * E_PAD + cols[None, :], mask=(c < num_chunks)[:, None])
+        total += tl.sum(h, axis=0)
+        before += tl.sum(tl.where((c < pid)[:, None], h, 0), axis=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    start = end - padded
+    if pid == 0:
+        tl.store(offsets_ptr + cols, start, mask=cols < E)
+        tl.store(offsets_ptr + E, tl.sum(padded, axis=0))
+        tl.store(counts_ptr + cols, total, mask=cols < E)
+
+    # Scatter this chunk's slots; `run` is the next free row of each expert.
+    run = start + before
+    for s in range(0, chunk, SUB):
+        offs = pid * chunk + s + tl.arange(0, SUB)
+        e, ok = _local_expert(ids_ptr, offs, N, first_expert, E)
+        hit = ((e[:, None] == cols[None, :]) & ok[:, None]).to(tl.int32)  # [SUB, E_PAD]
+        rank = tl.cumsum(hit, axis=0) - 1
+        pos = tl.sum(tl.where(hit != 0, run[None, :] + rank, 0), axis=1)
+        tl.store(sorted_ptr + pos, offs, mask=ok)
+        run += tl.sum(hit, axis=0)
+
+    # Blocks never straddle experts, so one expert per block; rows past its count are padding.
+    fill_end = tl.where(cols < E, start + total, 0)
+    total_rows = tl.sum(padded, axis=0)
+    rows = tl.arange(0, BLOCK_M)
+    for b in range(pid * blocks_per_prog, tl.minimum((pid + 1) * blocks_per_prog, num_blocks)):
+        row0 = b * BLOCK_M
+        e = tl.sum((end <= row0).to(tl.int32), axis=0)  # experts that end at or before row0
+        e = tl.where(row0 < total_rows, e, -1)
+        tl.store(eob_ptr + b, e)
+        last = tl.sum(tl.where(cols == e, fill_end, 0), axis=0)
+        tl.store(
+            sorted_ptr + row0 + rows, tl.full([BLOCK_M], N, tl.int32), mask=row0 + rows >= last
+        )
+
+
+def align_by_expert(
+    topk_ids_TK: torch.Tensor, num_experts: int, block_m: int, first_expert_id: int = 0
+) -> Alignment:
+    """Expert-sorted, BLOCK_M-padded slot order for the grouped GEMMs (two launches).
+
+    Args:
+        topk_ids_TK: [T, K] int32 global expert ids; -1 marks a dropped slot.
+        num_experts: E, experts handled by this group (global ids first .. first+E-1).
+        block_m: BLOCK_M of the GEMMs that consume the result.
+        first_expert_id: the global id of this group's local expert 0; other ids are skipped.
+
+    Returns:
+        ``Alignment(sorted_slot_ids_P, expert_of_block_B, expert_offsets_E1, counts_E)``, with
+        P = ``max_padded_rows(N, E, block_m)`` and B = P / block_m.
+    """
+    ids = topk_ids_TK.reshape(-1)
+    ids = ids if ids.dtype == torch.int32 else ids.to(torch.int32)
+    N, E, dev = ids.numel(), num_experts, ids.device
+    P = max_padded_rows(N, E, block_m)
+    B = P // block_m
+    E_PAD = triton.next_power_of_2(E)
+    SUB = max(16, min(128, 4096 // E_PAD))  # a [SUB, E_PAD] one-hot tile per step
+    # ~128 chunks at most (one wave of programs), each a multiple of SUB slots.
+    chunk = SUB * triton.cdiv(max(N, 1), SUB * 128)
+    num_chunks = triton.cdiv(max(N, 1), chunk)
+    hist = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
+    eob = torch.empty(B, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    _count_kernel[(num_chunks,)](
+        ids, hist, N, chunk, first_expert_id, E=E, E_PAD=E_PAD, SUB=SUB, num_warps=4
+    )
+    _scatter_kernel[(num_chunks,)](
+        ids, hist, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
+        triton.cdiv(B, num_chunks), first_expert_id,
+        E=E, E_PAD=E_PAD, SUB=SUB, BLOCK_M=block_m,
+        CHUNK_ROWS=min(triton.next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), num_warps=4,
+    )  # fmt: skip
+    return Alignment(sorted_ids, eob, offsets, counts)

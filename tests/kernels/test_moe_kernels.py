@@ -1,0 +1,306 @@
+"""The Triton MoE kernels against their plain-torch oracles, on CPU under TRITON_INTERPRET=1.
+
+Shapes are tiny and odd (H=40, F=24, E=5) because the interpreter runs every program in numpy;
+the whole file stays well under a minute. bf16 is not covered here (broken in the interpreter):
+tests/gpu/test_moe_kernels_gpu.py checks it on CUDA.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+# Triton picks the interpreter when a kernel is decorated (at import), so set the variable before
+# importing the kernels; it is restored below so that modules collected after this one keep their
+# own mode, and set again while this module's tests run (Triton also reads it at run time).
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moec/templates/kernels_src"))
+
+import moe_kernels as mk  # noqa: E402
+from moe_kernels import permute, reference, routing  # noqa: E402
+from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
+
+
+def _restore_interpret():
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+_restore_interpret()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_testing():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret()
+
+
+# numpy warns about log(0) on masked lanes and NaN in never-stored padding rows.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+# Small tiles so the interpreter runs few programs; partial and wrapped tiles. In CFG_MIXED the slots
+# are aligned to 32 rows and the down GEMM runs 16-row blocks, skipping the all-padding ones.
+CFG = MoeConfig(GemmConfig(16, 16, 16, 2, 4, 1), GemmConfig(16, 32, 16, 1, 4, 1))
+CFG_MIXED = MoeConfig(GemmConfig(32, 32, 32, 1, 4, 1), GemmConfig(16, 16, 32, 4, 4, 1))
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def sorted_by_id(ids, w):
+    ids_s, order = ids.sort(dim=1)
+    return ids_s, w.gather(1, order)
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------------------------------
+ROUTING_CASES = {
+    "softmax_k1": dict(E=5, K=1),
+    "softmax_sum": dict(E=8, K=2, norm="sum"),
+    "sigmoid_bias_groups_v3": dict(
+        E=16, K=4, score="sigmoid", bias=True, n_group=4, topk_group=2, norm="sum",
+        norm_eps=1e-20, scale=2.5,
+    ),
+    "softmax_groups_max_zero_v2": dict(
+        E=12, K=3, n_group=4, topk_group=2, group_score="max", group_masked_value="0",
+        weights_from_masked=True, scale=1.5,
+    ),
+    "sqrtsoftplus_bias": dict(E=7, K=3, score="sqrtsoftplus", bias=True, norm="sum", norm_eps=1e-20),
+    "softmax_clamp_min": dict(E=6, K=2, norm="sum", norm_clamp_min=1e-12),
+    "pnorm": dict(E=9, K=4, norm="pnorm", norm_p=2.0),
+    "logits_softmax": dict(E=10, K=4, topk_on="logits"),
+    "logits_sigmoid_llama4": dict(E=5, K=1, topk_on="logits", score="sigmoid"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ROUTING_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routing(case, dtype):
+    opts = dict(ROUTING_CASES[case])
+    E, K = opts.pop("E"), opts.pop("K")
+    g = torch.Generator().manual_seed(len(case))
+    T = 19
+    logits = torch.randn(T, E, generator=g).to(dtype)
+    if opts.pop("bias", False):
+        opts["selection_bias_E"] = torch.randn(E, generator=g) * 0.2
+    ids, w = routing.moe_routing(logits, K, **opts)
+    ids_r, w_r = reference.moe_routing(logits, K, **opts)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    ids, w = sorted_by_id(ids, w)
+    ids_r, w_r = sorted_by_id(ids_r, w_r)
+    assert torch.equal(ids, ids_r)
+    torch.testing.assert_close(w, w_r, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_single_token_and_grad():
+    logits = torch.randn(1, 8, dtype=torch.float64).float().requires_grad_()
+    opts = dict(score="sigmoid", norm="sum", norm_eps=1e-20, scale=2.0)
+    ids, w = mk.moe_routing(logits, 3, **opts)
+    ids_r, w_r = reference.moe_routing(logits, 3, **opts)
+    assert set(ids[0].tolist()) == set(ids_r[0].tolist())
+    gw = torch.randn(1, 3)
+    (g,) = torch.autograd.grad(w, logits, gw)
+    (g_r,) = torch.autograd.grad(w_r, logits, gw)
+    torch.testing.assert_close(g, g_r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "T,K,E,first,block_m,layout",
+    [
+        (13, 3, 5, 0, 16, "random"),  # odd sizes, dropped slots
+        (1, 1, 5, 0, 16, "random"),  # one token
+        (40, 2, 4, 0, 16, "one_expert"),  # all tokens on one expert, the others empty
+        (300, 4, 6, 2, 32, "random"),  # several chunks; group [2, 8) of 10 experts
+        (7, 8, 64, 0, 16, "random"),  # more experts than slots
+    ],
+)
+def test_align_by_expert(T, K, E, first, block_m, layout):
+    g = torch.Generator().manual_seed(T)
+    if layout == "one_expert":
+        ids = torch.full((T, K), 2, dtype=torch.int32)
+        ids[:, 1] = -1
+    else:
+        ids = torch.randint(-1, first + E + 2, (T, K), generator=g).int()
+    got = permute.align_by_expert(ids, E, block_m, first)
+    want = reference.align_by_expert(ids, E, block_m, first)
+    for name, a, b in zip(want._fields, got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Experts forward
+# --------------------------------------------------------------------------------------------------
+def make_experts(T, H, F, E, K, dtype, glu_form="standard", bias=False, seed=0, id_hi=None):
+    g = torch.Generator().manual_seed(seed)
+    X = F if glu_form == "none" else 2 * F
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x = rnd(T, H)
+    w_up = rnd(E, X, H, scale=H**-0.5)
+    w_down = rnd(E, H, F, scale=F**-0.5)
+    b_up = rnd(E, X) if bias else None
+    b_down = rnd(E, H) if bias else None
+    ids = torch.randint(-1, E if id_hi is None else id_hi, (T, K), generator=g).int()
+    w = torch.rand(T, K, generator=g)
+    return x, ids, w, w_up, w_down, b_up, b_down
+
+
+def ref64(x, ids, w, w_up, w_down, b_up, b_down, **kw):
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return reference.moe_experts(d(x), ids, d(w), d(w_up), d(w_down), d(b_up), d(b_down), **kw)
+
+
+GLU_CASES = [
+    dict(glu_form="standard", activation=a)
+    for a in ("silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid")
+] + [
+    dict(glu_form="clamp_then_act", activation="silu", limit=1.0),
+    dict(glu_form="act_then_clamp", activation="gelu", limit=0.5),
+    dict(glu_form="gpt_oss", limit=1.5, alpha=1.702),
+    dict(glu_form="softcap_sigmoid", gate_softcap=2.0, up_softcap=3.0),
+    dict(glu_form="none", activation="relu2"),
+]
+
+
+@pytest.mark.parametrize("opts", GLU_CASES, ids=lambda o: f"{o['glu_form']}-{o.get('activation')}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_experts_glu_forms(opts, dtype):
+    bias = opts["glu_form"] in ("gpt_oss", "none")
+    args = make_experts(11, 40, 24, 5, 3, dtype, opts["glu_form"], bias=bias, seed=len(str(opts)))
+    y = mk.moe_experts_triton(*args, config=CFG, **opts)
+    assert y.dtype == dtype and y.shape == (11, 40)
+    assert rel_err(y, ref64(*args, **opts)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "T,H,F,E,K,kw",
+    [
+        (1, 40, 24, 5, 1, {}),  # one token, k=1
+        (17, 40, 24, 5, 4, dict(bias=True)),  # k>2 with biases
+        (9, 32, 48, 3, 2, dict(weight_on_input=True)),  # Llama-4: weight on the input
+        (21, 40, 24, 6, 2, dict(one_expert=True)),  # every token on one expert, others empty
+        (5, 40, 24, 16, 2, {}),  # more experts than slots: most are empty
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_experts_shapes(T, H, F, E, K, kw, dtype):
+    kw = dict(kw)
+    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
+        T, H, F, E, K, dtype, bias=kw.pop("bias", False), seed=T
+    )
+    if kw.pop("one_expert", False):
+        ids[:] = 3
+        ids[::3, 1] = -1  # some dropped slots too
+    args = (x, ids, w, w_up, w_down, b_up, b_down)
+    cfg = CFG_MIXED if T > 16 else CFG
+    y = mk.moe_experts_triton(*args, config=cfg, **kw)
+    assert rel_err(y, ref64(*args, **kw)) < TOL[dtype]
+
+
+def test_experts_default_config_fp32():
+    args = make_experts(6, 40, 24, 5, 2, torch.float32, seed=3)
+    assert rel_err(mk.moe_experts_triton(*args), ref64(*args)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_two_groups_different_widths(dtype):
+    """Experts 0..3 have F=24 and 4..8 F=40; each group skips the other's ids; sums match."""
+    T, H, K = 14, 40, 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids = torch.randint(-1, 9, (T, K), generator=g).int()
+    w = torch.rand(T, K, generator=g)
+    groups = [(0, 4, 24), (4, 5, 40)]
+    y = torch.zeros(T, H, dtype=torch.float64)
+    y_ref = torch.zeros(T, H, dtype=torch.float64)
+    for first, E, F in groups:
+        w_up = (torch.randn(E, 2 * F, H, generator=g) * H**-0.5).to(dtype)
+        w_down = (torch.randn(E, H, F, generator=g) * F**-0.5).to(dtype)
+        args = (x, ids, w, w_up, w_down, None, None)
+        y += mk.moe_experts_triton(*args, first_expert_id=first, config=CFG).double()
+        y_ref += ref64(*args, first_expert_id=first)
+    assert rel_err(y, y_ref) < TOL[dtype]
+
+
+# --------------------------------------------------------------------------------------------------
+# Experts through the custom op: forward and backward
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(bias=True, glu_form="gpt_oss", limit=1.5),
+        dict(weight_on_input=True, first_expert_id=1),
+    ],
+    ids=["swiglu", "gpt_oss_bias", "weight_on_input_group"],
+)
+def test_experts_op_backward(kw):
+    kw = dict(kw)
+    args = make_experts(7, 40, 24, 5, 3, torch.float32, bias=kw.pop("bias", False), seed=11)
+    x, ids, w, w_up, w_down, b_up, b_down = args
+    leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
+    biases = [None if t is None else t.clone().requires_grad_() for t in (b_up, b_down)]
+    y = mk.moe_experts(leaves[0], ids, *leaves[1:], *biases, **kw)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves + [b for b in biases if b is not None], gy)
+
+    d = [t.double().requires_grad_() for t in (x, w, w_up, w_down)]
+    db = [None if t is None else t.double().requires_grad_() for t in (b_up, b_down)]
+    y_ref = reference.moe_experts(d[0], ids, *d[1:], *db, **kw)
+    want = torch.autograd.grad(y_ref, d + [b for b in db if b is not None], gy.double())
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_layer_trains_end_to_end():
+    """Router logits → routing op → experts op: gradients reach the router through the weights."""
+    T, H, F, E, K = 8, 40, 24, 5, 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, H, generator=g)
+    w_r = (torch.randn(E, H, generator=g) * 0.3).requires_grad_()
+    _, _, _, w_up, w_down, _, _ = make_experts(T, H, F, E, K, torch.float32, seed=5)
+    w_up.requires_grad_()
+    ids, w = mk.moe_routing(x @ w_r.T, K, norm="sum")
+    y = mk.moe_experts(x, ids, w, w_up, w_down)
+    y.square().mean().backward()
+
+    w_r2 = w_r.detach().double().requires_grad_()
+    w_up2 = w_up.detach().double().requires_grad_()
+    ids2, wts2 = reference.moe_routing(x.double() @ w_r2.T, K, norm="sum")
+    y2 = reference.moe_experts(x.double(), ids2, wts2, w_up2, w_down.double())
+    y2.square().mean().backward()
+    assert rel_err(w_r.grad, w_r2.grad) < 1e-5
+    assert rel_err(w_up.grad, w_up2.grad) < 1e-5
+
+
+def test_ops_registered_with_fake():
+    """The ops have fake implementations (what torch.compile and meta tensors need)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ns = getattr(torch.ops, mk.ops.NAMESPACE)
+    with FakeTensorMode():
+        x = torch.empty(4, 40)
+        ids, w = ns.moe_routing(torch.empty(4, 5), 2, None, "softmax", "scores", 1, 1,
+                                "top2_sum", "-inf", False, "none", 0.0, 0.0, 1.0, 1.0)  # fmt: skip
+        y = ns.moe_experts(x, ids, w, torch.empty(5, 48, 40), torch.empty(5, 40, 24), None, None,
+                           0, "silu", "standard", 0.0, 1.702, 1.0, 1.0, False)  # fmt: skip
+    assert ids.shape == (4, 2) and ids.dtype == torch.int32 and y.shape == (4, 40)
