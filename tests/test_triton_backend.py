@@ -115,9 +115,10 @@ def test_routing_kernel_matches_torch_router(layer):
     x = torch.randn(9, layer.router.weight.shape[1])
     ids_t, w_t, _ = layer.router(x, 1, triton=True)
     ids_r, w_r, _ = layer.router(x, 1, triton=False)
-    dense = lambda ids, w: torch.zeros(9, 64).scatter_add_(
-        1, ids.clamp(min=0), w * (ids >= 0)
-    )  # noqa: E731
+
+    def dense(ids, w):  # routing as a [T, E] matrix: order of the k slots does not matter
+        return torch.zeros(9, 64).scatter_add_(1, ids.clamp(min=0), w * (ids >= 0))
+
     torch.testing.assert_close(dense(ids_t, w_t), dense(ids_r, w_r), atol=1e-5, rtol=1e-5)
 
 

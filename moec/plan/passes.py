@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from moec.plan import cost, placement, topology
-from moec.plan import tuning as tuning_mod
 from moec.plan import trace as trace_mod
+from moec.plan import tuning as tuning_mod
 from moec.plan.ir import (
     CommPlan,
     CostPlan,
