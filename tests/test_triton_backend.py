@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/conftest.py
 
 import pytest  # noqa: E402
 

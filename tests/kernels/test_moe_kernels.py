@@ -9,11 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-# Triton picks the interpreter when a kernel is decorated (at import), so set the variable before
-# importing the kernels; it is restored below so that modules collected after this one keep their
-# own mode, and set again while this module's tests run (Triton also reads it at run time).
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+# Triton picks the interpreter when a kernel is decorated (at import): tests/conftest.py turns it on
+# for the whole CPU test run; set it here too so this file also runs on its own.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -24,24 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moec/templates/ker
 import moe_kernels as mk  # noqa: E402
 from moe_kernels import permute, reference, routing  # noqa: E402
 from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
-
-
-def _restore_interpret():
-    if _PREV_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-
-
-_restore_interpret()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_while_testing():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
-
 
 # numpy warns about log(0) on masked lanes and NaN in never-stored padding rows.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
