@@ -321,3 +321,29 @@ def test_group_routing_matches_hf(case_id, shape):
     layer = build_package(spec).MoELayer().to(torch.float32).eval()
     layer.load_hf_state_dict(block.state_dict())
     assert_close(forward(layer, x), y_hf, f"{case_id} E={e} k={k} groups={n_group}/{keep}")
+
+
+# Hub checkpoints spell some keys differently from the 5.23 block (transformers' conversion_mapping.py).
+HUB_RENAMES = {
+    "bailing_hybrid": {"gate.e_score_correction_bias": "gate.expert_bias"},
+    "ernie4_5_moe": {
+        "gate.moe_statics.e_score_correction_bias": "moe_statics.e_score_correction_bias"
+    },
+    "exaone_moe": {"gate.e_score_correction_bias": "e_score_correction_bias"},
+    "granitemoe": {
+        "router.weight": "router.layer.weight",
+        "experts.gate_up_proj": "input_linear.weight",
+        "experts.down_proj": "output_linear.weight",
+    },
+}
+
+
+@pytest.mark.parametrize("case_id", sorted(c for c in HUB_RENAMES if c in BY_ID))
+def test_hub_key_spellings_load(case_id):
+    p = prepared(case_id)
+    renames = HUB_RENAMES[case_id]
+    sd = {renames.get(k, k): v for k, v in p.block.state_dict().items()}
+    assert set(renames.values()) <= set(sd), "the case has the keys this test renames"
+    layer = fresh_layer(p)
+    assert layer.load_hf_state_dict(sd, prefix="") == []
+    assert_close(forward(layer, p.x), p.y_hf, f"{case_id} with hub key spellings")

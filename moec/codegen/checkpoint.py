@@ -130,6 +130,22 @@ SHARED_KEYS = {"hf_fused": "shared_experts", "llama4": "shared_expert", "hunyuan
 BIAS_KEYS = {"ernie": "gate.moe_statics.e_score_correction_bias"}
 
 
+# Hub-checkpoint spellings (transformers' conversion_mapping.py) tried after the layout's own key:
+# PhiMoE and Granite hubs name the router differently from the 5.23 module; Bailing, Ernie and
+# EXAONE store the selection bias under other names.
+HUB_ROUTER_KEYS = ["gate", "router", "router.layer"]
+HUB_BIAS_KEYS = [
+    "gate.e_score_correction_bias",
+    "gate.expert_bias",
+    "e_score_correction_bias",
+    "moe_statics.e_score_correction_bias",
+]
+
+
+def _unique(keys: list[str]) -> list[str]:
+    return list(dict.fromkeys(keys))
+
+
 def checkpoint_table(spec: Spec) -> Table:
     """Canonical tensor name → candidate sources, for every tensor this spec's layer has."""
     ck = spec.checkpoint
@@ -143,10 +159,16 @@ def checkpoint_table(spec: Spec) -> Table:
         "switch": _switch,
     }.get(layout, lambda: _fused_experts(glu))()
     router = ck.router_key or ROUTER_KEYS[layout]
-    table: Table = {f"router.{w}": [src(f"{router}.{w}")] for w in ("weight", "bias")}
+    routers = _unique([router] + (HUB_ROUTER_KEYS if ck.router_key is None else []))
+    table: Table = {f"router.{w}": [src(f"{r}.{w}") for r in routers] for w in ("weight", "bias")}
     bias_key = ck.bias_key or BIAS_KEYS.get(layout, "gate.e_score_correction_bias")
-    table["router.selection_bias"] = [src(bias_key, ["reshape", [-1]])]
+    biases = _unique([bias_key] + (HUB_BIAS_KEYS if ck.bias_key is None else []))
+    table["router.selection_bias"] = [src(b, ["reshape", [-1]]) for b in biases]
     table.update({k: v if isinstance(v, list) else [v] for k, v in experts.items()})
+    if layout in ("hf_fused", "granite") and glu:  # Granite hubs: already fused, other names
+        for i, name in enumerate(("w_gate", "w_up")):
+            table[f"experts.{name}"].append(src("input_linear.weight", ["chunk", 1, 2, i]))
+        table["experts.w_down"].append(src("output_linear.weight"))
     shared = ck.shared_key or SHARED_KEYS.get(layout, "shared_experts")
     for name, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
         table[f"shared.w_{name}"] = [src(f"{shared}.{proj}.weight")]
