@@ -27,10 +27,8 @@ ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 def dense_weights(group):
     """A group's weights as dense float tensors (dequantised if needed)."""
-    if hasattr(group, "w_gate_up_E2FH"):
-        return group.w_gate_up_E2FH.float(), group.w_down_EHF.float()
-    gu = torch.stack([group.w_gate_up_E2FH_of(e) for e in range(group.COUNT)]).float()
-    down = torch.stack([group.w_down_EHF_of(e) for e in range(group.COUNT)]).float()
+    gu = torch.stack([group.weight("w_gate_up_E2FH", e) for e in range(group.COUNT)]).float()
+    down = torch.stack([group.weight("w_down_EHF", e) for e in range(group.COUNT)]).float()
     return gu, down
 
 
@@ -86,7 +84,7 @@ def test_quantised_group_matches_its_dequantised_weights(dtype, tol):
     group = layer.groups["b"]
     dense = torch.randn(3, 16, 24)
     group.load_dense(dense, torch.randn(3, 24, 8))
-    err = (group.w_gate_up_E2FH_of(0).float() - dense[0]).abs().max() / dense[0].abs().max()
+    err = (group.weight("w_gate_up_E2FH", 0).float() - dense[0]).abs().max() / dense[0].abs().max()
     assert err < tol
 
 

@@ -4,9 +4,11 @@
 # regenerate: moec build specs/examples/hetero_small.yaml -o generated/hetero_small
 """Expert groups of `hetero_small`: one class per group, each with its own width, activation and precision.
 
-Plan entry: groups. Shapes: E experts of the group, F its width, H = 256 (the experts' input
-width), N rows routed to one expert. Weights use the nn.Linear layout (out, in); a GLU's gate and up
-projections are fused, gate rows first.
+Plan entry: groups. Shapes: E experts held by a group, F its width, H = 256 (the experts'
+input width), N rows routed to one expert. Weights use the nn.Linear layout (out, in); a GLU's gate and
+up projections are fused, gate rows first. ``ExpertGroup`` holds what the groups share (which experts a
+group holds, loading, the sort-by-expert loop or the Triton kernels); each group class adds its weights
+and its expert's math.
 """
 
 import torch
@@ -17,71 +19,120 @@ from . import backend
 from .dispatch import local_ids, run_experts
 from .quant import dequantize, quantize
 
+WEIGHT_ON_INPUT = False  # the routing weight scales the expert output
 
-class WideExperts(nn.Module):
-    """Group `wide`: experts 0..7 (8), SwiGLU, F = 512, float weights.
 
-    Holds the experts in ``experts`` (global ids; all of the group unless the layer is sharded).
+class ExpertGroup(nn.Module):
+    """Experts [FIRST, FIRST + COUNT) of one width; this module holds ``experts`` (global ids; all of
+    the group unless the layer is sharded) and the ``shard``-th of ``shards`` slices of their width.
+
+    Subclasses set FIRST, COUNT, FFN, GLU, QUANT (None or "int8" / "int4" / "fp8"), KERNEL (the Triton
+    kernel's activation arguments, or None for the PyTorch path only), allocate their weights, and
+    define ``expert(e, x_NH)``.
     """
 
-    FIRST, COUNT, FFN = 0, 8, 512
+    FIRST: int
+    COUNT: int
+    FFN: int
+    HIDDEN: int
+    GLU: bool
+    QUANT: str | None = None
+    KERNEL: dict | None = None
 
-    def __init__(self, dtype: torch.dtype, device=None, experts=None):
+    def __init__(
+        self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
+    ):
         super().__init__()
+        self.dtype = dtype
         self.experts = tuple(
             range(self.FIRST, self.FIRST + self.COUNT) if experts is None else experts
         )
-        self.width = self.FFN
-        n, f = len(self.experts), self.width
+        self.shard, self.shards = shard, shards
+        self.width = self.FFN // shards  # this shard's slice of F
         # local_index[e - FIRST] = row of expert e in this module's weights, or -1 if not held here
         local_index = torch.full((self.COUNT,), -1, dtype=torch.long, device=device)
-        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(n, device=device)
+        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(
+            len(self.experts), device=device
+        )
         self.register_buffer("local_index", local_index, persistent=False)
-        self.w_gate_up_E2FH = nn.Parameter(torch.empty((n, 2 * f, 256), dtype=dtype, device=device))
-        self.w_down_EHF = nn.Parameter(torch.empty((n, 256, f), dtype=dtype, device=device))
-        self.reset_parameters()
+
+    @property
+    def up_name(self) -> str:
+        return "w_gate_up_E2FH" if self.GLU else "w_up_EFH"
 
     def reset_parameters(self) -> None:
         """Random weights (std 1/sqrt(fan_in)); tests and smoke runs replace them with real ones."""
-        nn.init.normal_(self.w_gate_up_E2FH, std=256**-0.5)
-        nn.init.normal_(self.w_down_EHF, std=512**-0.5)
+        n, f, h = len(self.experts), self.width, self.HIDDEN
+        device = self.local_index.device
+        up = torch.randn(n, 2 * f if self.GLU else f, h, device=device) * h**-0.5
+        down = torch.randn(n, h, f, device=device) * self.FFN**-0.5
+        self.load_dense(up, down)
 
     @torch.no_grad()
-    def load_dense(self, w_gate_up_E2FH, w_down_EHF) -> None:
-        """Set the held experts' weights from dense tensors of this module's shapes."""
-        self.w_gate_up_E2FH.copy_(w_gate_up_E2FH)
-        self.w_down_EHF.copy_(w_down_EHF)
+    def load_dense(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Set the held experts' weights: up [n, 2f or f, H] (gate rows first), down [n, H, f]        (quantised on the way in when the group stores QUANT)."""
+        for name, dense in ((self.up_name, up), ("w_down_EHF", down)):
+            if self.QUANT is not None:
+                q, scale = quantize(dense, self.QUANT)
+                setattr(self, f"q_{name}", q)
+                setattr(self, f"s_{name}", scale)
+                continue
+            getattr(self, name).copy_(dense)
 
     @torch.no_grad()
-    def load_full(self, w_gate_EFH, w_up_EFH, w_down_EHF) -> None:
-        """Set the weights from tensors covering the whole group (nn.Linear layout, 8 experts):
-        keep the held experts."""
+    def load_full(
+        self,
+        w_gate_EFH=None,
+        w_up_EFH=None,
+        w_down_EHF=None,
+        b_gate_EF=None,
+        b_up_EF=None,
+        b_down_EH=None,
+    ) -> None:
+        """Set the weights from tensors covering the whole group (nn.Linear layout, COUNT experts):
+        keep the held experts and this shard's slice of F."""
         idx = [e - self.FIRST for e in self.experts]
-        cols = slice(None)
-        self.load_dense(
-            torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1),
-            w_down_EHF[idx][:, :, cols],
-        )
+        cols = slice(self.shard * self.width, (self.shard + 1) * self.width)
+        if self.GLU:
+            up = torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1)
+        else:
+            up = w_up_EFH[idx][:, cols]
+        self.load_dense(up, w_down_EHF[idx][:, :, cols])
+        if b_up_EF is not None:
+            b_up = (
+                torch.cat([b_gate_EF[idx][:, cols], b_up_EF[idx][:, cols]], dim=1)
+                if self.GLU
+                else b_up_EF[idx][:, cols]
+            )
+            getattr(self, "b_gate_up_E2F" if self.GLU else "b_up_EF").copy_(b_up)
+            self.b_down_EH.copy_(b_down_EH[idx])
 
-    def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
-        """Local expert e on its rows: x_NH [N, H] -> y_NH [N, H]."""
-        gate_up_N2F = F.linear(x_NH, self.w_gate_up_E2FH[e])
-        gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
-        h_NF = F.silu(gate_NF) * up_NF
-        return F.linear(h_NF, self.w_down_EHF[e])
+    def weight(self, name: str, e: int) -> torch.Tensor:
+        """Local expert e's weight ``name`` in the compute dtype (dequantised if stored quantised)."""
+        if self.QUANT is not None:
+            q, scale = getattr(self, f"q_{name}")[e], getattr(self, f"s_{name}")[e]
+            return dequantize(q, scale, self.QUANT, self.dtype)
+        return getattr(self, name)[e]
+
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(up bias [n, 2f or f], down bias [n, H]) or Nones. Only shard 0 adds the down bias: the
+        shards' outputs are summed."""
+        b_up = getattr(self, "b_gate_up_E2F" if self.GLU else "b_up_EF", None)
+        b_down = getattr(self, "b_down_EH", None)
+        return b_up, b_down if self.shard == 0 else None
 
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:
         """out_TH [T, H] (float32) += this group's share of the routed output."""
-        if triton:  # one fused permutation + two grouped GEMMs (kernels/)
+        if triton and self.KERNEL is not None:  # one fused permutation + two grouped GEMMs
             y_TH = backend.kernels().moe_experts(
                 x_TH,
                 local_ids(topk_ids_TK, self.FIRST, self.local_index),
                 topk_weights_TK,
-                self.w_gate_up_E2FH,
+                getattr(self, self.up_name),
                 self.w_down_EHF,
-                activation="silu",
-                glu_form="standard",
-                weight_on_input=False,
+                *self.biases(),
+                weight_on_input=WEIGHT_ON_INPUT,
+                **self.KERNEL,
             )
             out_TH += y_TH.float()
             return
@@ -93,30 +144,44 @@ class WideExperts(nn.Module):
             self.FIRST,
             self.local_index,
             out_TH,
-            weight_on_input=False,
+            WEIGHT_ON_INPUT,
         )
 
 
-class NarrowInt8Experts(nn.Module):
-    """Group `narrow_int8`: experts 8..15 (8), SwiGLU, F = 256, int8 weights.
+class WideExperts(ExpertGroup):
+    """Group `wide`: experts 0..7 (8), SwiGLU, F = 512, float weights."""
 
-    Holds the experts in ``experts`` (global ids; all of the group unless the layer is sharded).
-    """
+    FIRST, COUNT, FFN, HIDDEN, GLU = 0, 8, 512, 256, True
+    KERNEL = {"activation": "silu", "glu_form": "standard"}
 
-    FIRST, COUNT, FFN = 8, 8, 256
-
-    def __init__(self, dtype: torch.dtype, device=None, experts=None):
-        super().__init__()
-        self.experts = tuple(
-            range(self.FIRST, self.FIRST + self.COUNT) if experts is None else experts
-        )
-        self.width = self.FFN
+    def __init__(
+        self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
+    ):
+        super().__init__(dtype, device, experts, shard, shards)
         n, f = len(self.experts), self.width
-        # local_index[e - FIRST] = row of expert e in this module's weights, or -1 if not held here
-        local_index = torch.full((self.COUNT,), -1, dtype=torch.long, device=device)
-        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(n, device=device)
-        self.register_buffer("local_index", local_index, persistent=False)
-        self.dtype = dtype  # compute dtype; weights are stored int8 with float32 row scales
+        self.w_gate_up_E2FH = nn.Parameter(torch.empty((n, 2 * f, 256), dtype=dtype, device=device))
+        self.w_down_EHF = nn.Parameter(torch.empty((n, 256, f), dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
+        """Local expert e on its rows: x_NH [N, H] -> y_NH [N, H]."""
+        gate_up_N2F = F.linear(x_NH, self.weight("w_gate_up_E2FH", e))
+        gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
+        h_NF = F.silu(gate_NF) * up_NF
+        return F.linear(h_NF, self.weight("w_down_EHF", e))
+
+
+class NarrowInt8Experts(ExpertGroup):
+    """Group `narrow_int8`: experts 8..15 (8), SwiGLU, F = 256, int8 weights."""
+
+    FIRST, COUNT, FFN, HIDDEN, GLU = 8, 8, 256, 256, True
+    QUANT = "int8"  # stored int8 with a float32 scale per output row; computed in the layer's dtype
+
+    def __init__(
+        self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
+    ):
+        super().__init__(dtype, device, experts, shard, shards)
+        n, f = len(self.experts), self.width
         self.register_buffer(
             "q_w_gate_up_E2FH", torch.zeros((n, 2 * f, 256), dtype=torch.int8, device=device)
         )
@@ -131,82 +196,25 @@ class NarrowInt8Experts(nn.Module):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Random weights (std 1/sqrt(fan_in)); tests and smoke runs replace them with real ones."""
-        n, f = len(self.experts), self.width
-        with torch.no_grad():
-            w_gate_up_E2FH = (
-                torch.randn((n, 2 * f, 256), device=self.q_w_gate_up_E2FH.device) * 256**-0.5
-            )
-            w_down_EHF = torch.randn((n, 256, f), device=self.q_w_down_EHF.device) * 256**-0.5
-            self.load_dense(w_gate_up_E2FH, w_down_EHF)
-
-    @torch.no_grad()
-    def load_dense(self, w_gate_up_E2FH, w_down_EHF) -> None:
-        """Set the held experts' weights from dense tensors of this module's shapes, quantising them."""
-        self.q_w_gate_up_E2FH, self.s_w_gate_up_E2FH = quantize(w_gate_up_E2FH, "int8")
-        self.q_w_down_EHF, self.s_w_down_EHF = quantize(w_down_EHF, "int8")
-
-    @torch.no_grad()
-    def load_full(self, w_gate_EFH, w_up_EFH, w_down_EHF) -> None:
-        """Set the weights from tensors covering the whole group (nn.Linear layout, 8 experts):
-        keep the held experts."""
-        idx = [e - self.FIRST for e in self.experts]
-        cols = slice(None)
-        self.load_dense(
-            torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1),
-            w_down_EHF[idx][:, :, cols],
-        )
-
-    def w_gate_up_E2FH_of(self, e: int) -> torch.Tensor:
-        """Local expert e's gate and up (stacked) weight, dequantised: [2 * f, 256]."""
-        return dequantize(self.q_w_gate_up_E2FH[e], self.s_w_gate_up_E2FH[e], "int8", self.dtype)
-
-    def w_down_EHF_of(self, e: int) -> torch.Tensor:
-        """Local expert e's down weight, dequantised: [256, f]."""
-        return dequantize(self.q_w_down_EHF[e], self.s_w_down_EHF[e], "int8", self.dtype)
-
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
         """Local expert e on its rows: x_NH [N, H] -> y_NH [N, H]."""
-        gate_up_N2F = F.linear(x_NH, self.w_gate_up_E2FH_of(e))
+        gate_up_N2F = F.linear(x_NH, self.weight("w_gate_up_E2FH", e))
         gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
         h_NF = F.silu(gate_NF) * up_NF
-        return F.linear(h_NF, self.w_down_EHF_of(e))
-
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:
-        """out_TH [T, H] (float32) += this group's share of the routed output."""
-        run_experts(
-            self.expert,
-            x_TH,
-            topk_ids_TK,
-            topk_weights_TK,
-            self.FIRST,
-            self.local_index,
-            out_TH,
-            weight_on_input=False,
-        )
+        return F.linear(h_NF, self.weight("w_down_EHF", e))
 
 
-class NarrowInt4Experts(nn.Module):
-    """Group `narrow_int4`: experts 16..23 (8), GeGLU (tanh), F = 128, int4 weights.
+class NarrowInt4Experts(ExpertGroup):
+    """Group `narrow_int4`: experts 16..23 (8), GeGLU (tanh), F = 128, int4 weights."""
 
-    Holds the experts in ``experts`` (global ids; all of the group unless the layer is sharded).
-    """
+    FIRST, COUNT, FFN, HIDDEN, GLU = 16, 8, 128, 256, True
+    QUANT = "int4"  # stored int4 with a float32 scale per output row; computed in the layer's dtype
 
-    FIRST, COUNT, FFN = 16, 8, 128
-
-    def __init__(self, dtype: torch.dtype, device=None, experts=None):
-        super().__init__()
-        self.experts = tuple(
-            range(self.FIRST, self.FIRST + self.COUNT) if experts is None else experts
-        )
-        self.width = self.FFN
+    def __init__(
+        self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
+    ):
+        super().__init__(dtype, device, experts, shard, shards)
         n, f = len(self.experts), self.width
-        # local_index[e - FIRST] = row of expert e in this module's weights, or -1 if not held here
-        local_index = torch.full((self.COUNT,), -1, dtype=torch.long, device=device)
-        local_index[[e - self.FIRST for e in self.experts]] = torch.arange(n, device=device)
-        self.register_buffer("local_index", local_index, persistent=False)
-        self.dtype = dtype  # compute dtype; weights are stored int4 with float32 row scales
         self.register_buffer(
             "q_w_gate_up_E2FH", torch.zeros((n, 2 * f, 128), dtype=torch.uint8, device=device)
         )
@@ -221,60 +229,12 @@ class NarrowInt4Experts(nn.Module):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Random weights (std 1/sqrt(fan_in)); tests and smoke runs replace them with real ones."""
-        n, f = len(self.experts), self.width
-        with torch.no_grad():
-            w_gate_up_E2FH = (
-                torch.randn((n, 2 * f, 256), device=self.q_w_gate_up_E2FH.device) * 256**-0.5
-            )
-            w_down_EHF = torch.randn((n, 256, f), device=self.q_w_down_EHF.device) * 128**-0.5
-            self.load_dense(w_gate_up_E2FH, w_down_EHF)
-
-    @torch.no_grad()
-    def load_dense(self, w_gate_up_E2FH, w_down_EHF) -> None:
-        """Set the held experts' weights from dense tensors of this module's shapes, quantising them."""
-        self.q_w_gate_up_E2FH, self.s_w_gate_up_E2FH = quantize(w_gate_up_E2FH, "int4")
-        self.q_w_down_EHF, self.s_w_down_EHF = quantize(w_down_EHF, "int4")
-
-    @torch.no_grad()
-    def load_full(self, w_gate_EFH, w_up_EFH, w_down_EHF) -> None:
-        """Set the weights from tensors covering the whole group (nn.Linear layout, 8 experts):
-        keep the held experts."""
-        idx = [e - self.FIRST for e in self.experts]
-        cols = slice(None)
-        self.load_dense(
-            torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1),
-            w_down_EHF[idx][:, :, cols],
-        )
-
-    def w_gate_up_E2FH_of(self, e: int) -> torch.Tensor:
-        """Local expert e's gate and up (stacked) weight, dequantised: [2 * f, 256]."""
-        return dequantize(self.q_w_gate_up_E2FH[e], self.s_w_gate_up_E2FH[e], "int4", self.dtype)
-
-    def w_down_EHF_of(self, e: int) -> torch.Tensor:
-        """Local expert e's down weight, dequantised: [256, f]."""
-        return dequantize(self.q_w_down_EHF[e], self.s_w_down_EHF[e], "int4", self.dtype)
-
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
         """Local expert e on its rows: x_NH [N, H] -> y_NH [N, H]."""
-        gate_up_N2F = F.linear(x_NH, self.w_gate_up_E2FH_of(e))
+        gate_up_N2F = F.linear(x_NH, self.weight("w_gate_up_E2FH", e))
         gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
         h_NF = F.gelu(gate_NF, approximate="tanh") * up_NF
-        return F.linear(h_NF, self.w_down_EHF_of(e))
-
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:
-        """out_TH [T, H] (float32) += this group's share of the routed output."""
-        run_experts(
-            self.expert,
-            x_TH,
-            topk_ids_TK,
-            topk_weights_TK,
-            self.FIRST,
-            self.local_index,
-            out_TH,
-            weight_on_input=False,
-        )
+        return F.linear(h_NF, self.weight("w_down_EHF", e))
 
 
 class SharedExpert(nn.Module):

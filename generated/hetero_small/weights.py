@@ -23,21 +23,31 @@ SOURCES = {
         {"key": "experts.down_proj", "ops": [], "stack": False},
         {"key": "experts.{e}.w2.weight", "ops": [], "stack": True},
         {"key": "experts.{e}.down_proj.weight", "ops": [], "stack": True},
+        {"key": "output_linear.weight", "ops": [], "stack": False},
     ],
     "experts.w_gate": [
         {"key": "experts.gate_up_proj", "ops": [["chunk", 1, 2, 0]], "stack": False},
         {"key": "experts.{e}.w1.weight", "ops": [], "stack": True},
         {"key": "experts.{e}.gate_proj.weight", "ops": [], "stack": True},
+        {"key": "input_linear.weight", "ops": [["chunk", 1, 2, 0]], "stack": False},
     ],
     "experts.w_up": [
         {"key": "experts.gate_up_proj", "ops": [["chunk", 1, 2, 1]], "stack": False},
         {"key": "experts.{e}.w3.weight", "ops": [], "stack": True},
         {"key": "experts.{e}.up_proj.weight", "ops": [], "stack": True},
+        {"key": "input_linear.weight", "ops": [["chunk", 1, 2, 1]], "stack": False},
     ],
     "router.selection_bias": [
-        {"key": "gate.e_score_correction_bias", "ops": [["reshape", [-1]]], "stack": False}
+        {"key": "gate.e_score_correction_bias", "ops": [["reshape", [-1]]], "stack": False},
+        {"key": "gate.expert_bias", "ops": [["reshape", [-1]]], "stack": False},
+        {"key": "e_score_correction_bias", "ops": [["reshape", [-1]]], "stack": False},
+        {"key": "moe_statics.e_score_correction_bias", "ops": [["reshape", [-1]]], "stack": False},
     ],
-    "router.weight": [{"key": "gate.weight", "ops": [], "stack": False}],
+    "router.weight": [
+        {"key": "gate.weight", "ops": [], "stack": False},
+        {"key": "router.weight", "ops": [], "stack": False},
+        {"key": "router.layer.weight", "ops": [], "stack": False},
+    ],
     "shared.score_gate": [{"key": "shared_expert_gate.weight", "ops": [], "stack": False}],
     "shared.w_down": [{"key": "shared_experts.down_proj.weight", "ops": [], "stack": False}],
     "shared.w_gate": [

@@ -1,0 +1,263 @@
+"""Measure the fastest tile configs of the expert GEMMs on this GPU, per token count.
+
+``tune`` times candidate ``MoeConfig``s of one shape end to end (align → up GEMM + GLU → down GEMM
+→ combine, ``moe_experts_triton``) on a random routing (softmax of random logits → top-k → renorm),
+checks each candidate's output against the default config's, and keeps the fastest. The search is
+two coordinate passes around ``default_config``: the up GEMM's tiles with the default down config,
+then the down GEMM's with the winning up config (at most 2 × 20 candidates per token count).
+
+As a command, inside a generated package (``python -m <pkg>.kernels.tune --out tuning.json``), it
+reads the package's plan and writes the table format that ``moec build`` reads from the spec field
+``kernels: {tuning: tuning.json}``.
+
+Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from .configs import GemmConfig, MoeConfig, _fit, default_config
+from .ops import moe_experts_triton
+
+MAX_PER_GEMM = 20  # candidates per GEMM and token count (two passes: <= 40 timed configs)
+MAX_REL_ERR = 1e-2  # a candidate's output vs the default's (bf16 sums in another order: ~1e-3)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def candidates(c: GemmConfig, reduce_dim: int, out_dim: int, fp32: bool) -> list[GemmConfig]:
+    """``c`` and its neighbours: one field changed at a time, then a few pairs, shrunk to fit."""
+    moves = [
+        dict(block_m=c.block_m // 2),
+        dict(block_m=c.block_m * 2),
+        dict(block_n=c.block_n // 2),
+        dict(block_n=c.block_n * 2),
+        dict(block_k=c.block_k // 2),
+        dict(block_k=c.block_k * 2),
+        dict(num_warps=4 if c.num_warps == 8 else 8),
+        dict(num_stages=c.num_stages - 1),
+        dict(num_stages=c.num_stages + 1),
+        dict(group_m=1 if c.group_m > 1 else 8),
+        dict(group_m=16),
+        dict(block_n=c.block_n * 2, block_k=c.block_k // 2),
+        dict(block_n=c.block_n // 2, block_k=c.block_k * 2),
+        dict(block_m=c.block_m * 2, num_warps=8),
+        dict(block_m=c.block_m // 2, block_n=c.block_n * 2),
+        dict(block_n=c.block_n * 2, num_warps=8),
+        dict(num_warps=4 if c.num_warps == 8 else 8, num_stages=c.num_stages + 1),
+        dict(block_k=c.block_k * 2, num_stages=c.num_stages - 1),
+        dict(block_m=c.block_m * 2, block_n=c.block_n // 2),
+        dict(block_m=c.block_m // 2, block_k=c.block_k * 2),
+    ]
+    out = [c]
+    for move in moves:
+        n = _fit(replace(c, **move), reduce_dim, out_dim)
+        # Tensor-core tiles want >= 16 rows; 4-byte tiles with long K overflow shared memory.
+        if n.block_m < 16 or n.block_m > 256 or n.num_stages < 2 or n.num_stages > 6:
+            continue
+        if fp32 and n.block_k > 32:
+            continue
+        if n not in out:
+            out.append(n)
+    return out[:MAX_PER_GEMM]
+
+
+def random_problem(T, H, F, E, K, dtype, glu=True, seed=0):
+    """x [T, H], routing (ids [T, K] int32, weights [T, K] f32), w_up [E, X, H], w_down [E, H, F]."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
+    logits = torch.randn(T, E, device="cuda", generator=g)
+    w, ids = torch.softmax(logits, -1).topk(K, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    X = 2 * F if glu else F
+    w_up = torch.randn(E, X, H, device="cuda", dtype=dtype, generator=g).mul_(H**-0.5)
+    w_down = torch.randn(E, H, F, device="cuda", dtype=dtype, generator=g).mul_(F**-0.5)
+    return x, ids.int(), w, w_up, w_down
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def tune(
+    H: int,
+    F: int,
+    E: int,
+    K: int,
+    dtype: torch.dtype = torch.bfloat16,
+    token_counts=(16, 256, 4096, 16384),
+    candidates_fn=None,
+    rep_ms: int = 25,
+    activation: str = "silu",
+    glu_form: str = "standard",
+    log=print,
+) -> dict:
+    """The fastest ``MoeConfig`` per token count: ``{T: {"up": {...}, "down": {...}}}``.
+
+    Args:
+        H, F, E, K: the expert group's shape (hidden, expert width, experts, top-k slots).
+        dtype: weight and activation dtype.
+        token_counts: the buckets to measure (tokens of one call).
+        candidates_fn: ``(GemmConfig, reduce_dim, out_dim, fp32) -> [GemmConfig]``; default
+            ``candidates``.
+        rep_ms: ``do_bench`` time budget per candidate.
+    Each entry also holds ``"ms"`` and ``"default_ms"`` (median times) for the report; ``to_json``
+    drops them.
+    """
+    candidates_fn = candidates_fn or candidates
+    glu = glu_form != "none"
+    fp32 = dtype == torch.float32
+    out = {}
+    for T in token_counts:
+        x, ids, w, w_up, w_down = random_problem(T, H, F, E, K, dtype, glu, seed=T)
+
+        def run(cfg, x=x, ids=ids, w=w, w_up=w_up, w_down=w_down):
+            return moe_experts_triton(
+                x, ids, w, w_up, w_down, activation=activation, glu_form=glu_form, config=cfg
+            )
+
+        base = default_config(T, H, F, E, K, dtype)
+        y_ref = run(base)
+        base_ms = do_bench(lambda b=base: run(b), rep=rep_ms, return_mode="median")
+        best, best_ms, tried = base, base_ms, 0
+        for side in ("up", "down"):
+            cur = getattr(best, side)
+            dims = (H, F) if side == "up" else (F, H)
+            for c in candidates_fn(cur, *dims, fp32):
+                cfg = replace(best, **{side: c})
+                if cfg == best:
+                    continue
+                tried += 1
+                ms = _measure(run, cfg, y_ref, rep_ms)
+                if ms is not None and ms < best_ms:
+                    best, best_ms = cfg, ms
+        out[T] = {"up": asdict(best.up), "down": asdict(best.down), "ms": best_ms}
+        out[T]["default_ms"] = base_ms
+        log(
+            f"  H={H} F={F} E={E} K={K} T={T}: {tried} candidates, default {base_ms:.3f} ms -> "
+            f"best {best_ms:.3f} ms ({base_ms / best_ms:.2f}x) up {_short(best.up)} "
+            f"down {_short(best.down)}"
+        )
+        del x, ids, w, w_up, w_down, y_ref
+        torch.cuda.empty_cache()
+    return out
+
+
+def _short(c: GemmConfig) -> str:
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/g{c.group_m}/w{c.num_warps}/s{c.num_stages}"
+
+
+def _measure(run, cfg: MoeConfig, y_ref: torch.Tensor, rep_ms: int) -> float | None:
+    """Median ms of ``run(cfg)``, or None when it fails to compile / launch or disagrees."""
+    try:
+        y = run(cfg)
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - out of shared memory, too many registers, ...
+        return None
+    if not torch.isfinite(y).all() or _rel_err(y, y_ref) > MAX_REL_ERR:
+        return None
+    return do_bench(lambda: run(cfg), rep=rep_ms, return_mode="median")
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan's kernel shapes, and the JSON moec reads
+# --------------------------------------------------------------------------------------------------
+def plan_shapes(plan: dict) -> list[dict]:
+    """One entry per distinct (H, F, E, K) of the groups that run the Triton kernels.
+
+    E is the count a rank holds (the whole group on one GPU; per rank under expert parallelism).
+    """
+    dims = plan["dims"]
+    names = set(plan["kernels"]["expert_kernel_groups"])
+    ranks = plan["placement"]["layers"][0]["ranks"] if plan["placement"]["layers"] else None
+    seen, out = set(), []
+    for g in plan["groups"]:
+        if g["name"] not in names:
+            continue
+        lo, hi = g["first"], g["first"] + g["count"]
+        counts = {sum(lo <= e < hi for e in r) for r in ranks} if ranks else {g["count"]}
+        for E in sorted(counts - {0}):
+            key = (dims["expert_in"], g["ffn"], E, dims["slots"])
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(
+                dict(
+                    shape=key,
+                    dtype=DTYPES[g["dtype"]],
+                    activation=g["activation"],
+                    glu_form=g["glu"] if g["kind"] == "glu" else "none",
+                )
+            )
+    return out
+
+
+def to_json(results: list[tuple[tuple, dict]], dtype: torch.dtype, gpu: str) -> dict:
+    """The file ``moec.plan.tuning.load_tuning`` reads; ``results`` is [((H, F, E, K), tune())]."""
+    tables = [
+        {
+            "hidden": H,
+            "ffn": F,
+            "experts": E,
+            "top_k": K,
+            "buckets": {str(T): {"up": c["up"], "down": c["down"]} for T, c in table.items()},
+            "measured_ms": {str(T): [c["default_ms"], c["ms"]] for T, c in table.items()},
+        }
+        for (H, F, E, K), table in results
+    ]
+    return {
+        "gpu": gpu,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "note": "measured_ms: [default_config, tuned] median ms of the expert path per bucket",
+        "tables": tables,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m <package>.kernels.tune",
+        description="Tune the expert GEMM tiles of this package's plan on this GPU.",
+    )
+    ap.add_argument("--out", required=True, help="tuning JSON to write")
+    ap.add_argument("--tokens", default="16,256,4096,16384", help="token counts (buckets)")
+    ap.add_argument("--rep-ms", type=int, default=25, help="do_bench budget per candidate")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "error: tuning needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr
+        )
+        return 2
+    from .. import PLAN
+
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    shapes = plan_shapes(PLAN)
+    if not shapes:
+        print("error: no expert group of this plan runs the Triton kernels", file=sys.stderr)
+        return 2
+    results = []
+    for s in shapes:
+        print(f"tuning {PLAN['name']} (H, F, E, K) = {s['shape']} on {tokens}", file=sys.stderr)
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        table = tune(
+            *s["shape"], s["dtype"], tokens, None, args.rep_ms, s["activation"], s["glu_form"], log
+        )
+        results.append((s["shape"], table))
+    data = to_json(results, shapes[0]["dtype"], torch.cuda.get_device_name())
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {args.out}: {len(results)} shape(s) x {len(tokens)} buckets", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
