@@ -370,6 +370,23 @@ def expert_kernel_args(mlp: MLP) -> list[tuple[str, str]]:
     return [(name, repr(value)) for name, value in args.items()]
 
 
+def comm_view(plan: Plan) -> dict:
+    """The mesh and the per-layer placement tables for comm.py (distinct tables written once)."""
+    m = plan.mesh
+    tables, index = [], []
+    for layer in plan.placement.layers:
+        ranks = tuple(tuple(ids) for ids in layer.ranks)
+        if ranks not in tables:
+            tables.append(ranks)
+        index.append(tables.index(ranks))
+    keys = ("nodes", "gpus_per_node", "dp", "tp", "ep", "pp", "expert_tp", "edp")
+    return {
+        "mesh": {k: getattr(m, k) for k in keys},
+        "placement_tables": pprint.pformat(tuple(tables), width=100, compact=True),
+        "placement_index": repr(tuple(index)),
+    }
+
+
 def package_context(spec: Spec, plan: Plan) -> dict:
     """The context shared by every template of the package (each file adds its own ``file``)."""
     expert_in = plan.dims.expert_in
@@ -401,4 +418,5 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         **layer_view(spec, plan, groups, shared),
         **weights_view(spec, plan),
         **kernels_view(spec, plan),
+        **comm_view(plan),
     }
