@@ -107,6 +107,29 @@ class ExpertGroup(nn.Module):
             getattr(self, "b_gate_up_E2F" if self.GLU else "b_up_EF").copy_(b_up)
             self.b_down_EH.copy_(b_down_EH[idx])
 
+    @torch.no_grad()
+    def load_unsharded(self, tensors: dict) -> None:
+        """Load the group's entries of an unsharded layer's state dict (names without the module
+        prefix: ``w_down_EHF``, ``b_down_EH``, ...), keeping the held experts and width slice."""
+        f = self.FFN
+
+        def dense(name):
+            if self.QUANT is not None:
+                return dequantize(
+                    tensors[f"q_{name}"], tensors[f"s_{name}"], self.QUANT, torch.float32
+                )
+            return tensors[name]
+
+        up, b_up = dense(self.up_name), tensors.get("b_gate_up_E2F", tensors.get("b_up_EF"))
+        self.load_full(
+            w_gate_EFH=up[:, :f] if self.GLU else None,
+            w_up_EFH=up[:, f:] if self.GLU else up,
+            w_down_EHF=dense("w_down_EHF"),
+            b_gate_EF=b_up[:, :f] if b_up is not None and self.GLU else None,
+            b_up_EF=(b_up[:, f:] if self.GLU else b_up) if b_up is not None else None,
+            b_down_EH=tensors.get("b_down_EH"),
+        )
+
     def weight(self, name: str, e: int) -> torch.Tensor:
         """Local expert e's weight ``name`` in the compute dtype (dequantised if stored quantised)."""
         if self.QUANT is not None:

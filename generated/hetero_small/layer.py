@@ -81,6 +81,23 @@ class MoELayer(nn.Module):
         """Load Hugging Face weights (block keys, or model keys under ``prefix``); returns unused keys."""
         return weights.load_hf_state_dict(self, state_dict, prefix, strict)
 
+    @torch.no_grad()
+    def load_unsharded_state_dict(self, state_dict: dict) -> None:
+        """Load ``MoELayer(distributed=False).state_dict()`` (the whole layer) into this layer,
+        keeping only the experts this rank holds."""
+        groups = {name: {} for name in self.groups}
+        rest = {}
+        for key, value in state_dict.items():
+            kind, _, tail = key.partition(".")
+            if kind == "groups":
+                name, _, tensor = tail.partition(".")
+                groups[name][tensor] = value
+            else:
+                rest[key] = value
+        self.load_state_dict(rest, strict=False)
+        for name, group in self.groups.items():
+            group.load_unsharded(groups[name])
+
     def save_safetensors(self, path) -> None:
         """Write this layer's own state dict as a safetensors file."""
         weights.save_safetensors(self.state_dict(), path)

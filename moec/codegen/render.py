@@ -121,7 +121,9 @@ def render_package(spec: Spec, plan: Plan, origin: Origin) -> dict[str, bytes]:
             .get_template("kernels/_copy.py.jinja")
             .render(file=_header_info(context, plan, origin, template), source=source.read_text())
         )
-        files[f"kernels/{source.name}"] = _finish(source.name, text, template).encode()
+        # the kernel sources are kept black-formatted in the repo (checked by the tests): no need to
+        # format them again for every build
+        files[f"kernels/{source.name}"] = text.encode()
     files["plan.json"] = plan.to_json().encode()
     files["PLAN.md"] = plan_markdown(spec, plan, origin).encode()
     return dict(sorted(files.items()))

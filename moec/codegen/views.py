@@ -371,20 +371,9 @@ def expert_kernel_args(mlp: MLP) -> list[tuple[str, str]]:
 
 
 def comm_view(plan: Plan) -> dict:
-    """The mesh and the per-layer placement tables for comm.py (distinct tables written once)."""
-    m = plan.mesh
-    tables, index = [], []
-    for layer in plan.placement.layers:
-        ranks = tuple(tuple(ids) for ids in layer.ranks)
-        if ranks not in tables:
-            tables.append(ranks)
-        index.append(tables.index(ranks))
+    """The mesh for comm.py (the placement tables it reads from plan.json)."""
     keys = ("nodes", "gpus_per_node", "dp", "tp", "ep", "pp", "expert_tp", "edp")
-    return {
-        "mesh": {k: getattr(m, k) for k in keys},
-        "placement_tables": pprint.pformat(tuple(tables), width=100, compact=True),
-        "placement_index": repr(tuple(index)),
-    }
+    return {"mesh": {k: getattr(plan.mesh, k) for k in keys}}
 
 
 def package_context(spec: Spec, plan: Plan) -> dict:

@@ -149,7 +149,34 @@ class Plan:
     legend: str = LEGEND
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+        """Sorted keys, one key per line; lists of numbers stay on one line (placement tables of
+        thousands of ranks stay readable and fast to write)."""
+        return _dump(self.to_dict(), "") + "\n"
+
+
+def _plain(value):
+    """dataclasses.asdict without its deep copies: frozen plans hold only tuples, dicts and scalars."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _dump(value, indent: str) -> str:
+    inner = indent + " "
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = (f"{inner}{json.dumps(k)}: {_dump(value[k], inner)}" for k in sorted(value))
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list):
+        if all(not isinstance(v, (dict, list)) for v in value):
+            return json.dumps(value, separators=(", ", ": "))
+        return "[\n" + ",\n".join(inner + _dump(v, inner) for v in value) + f"\n{indent}]"
+    return json.dumps(value)

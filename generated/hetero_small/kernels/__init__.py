@@ -26,3 +26,4 @@ __all__ = [
     "pick_config",
     "register_configs",
 ]
+

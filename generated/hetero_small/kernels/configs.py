@@ -98,3 +98,4 @@ def pick_config(
     if isinstance(c, dict):
         c = MoeConfig(GemmConfig(**c["up"]), GemmConfig(**c["down"]))
     return c
+

@@ -333,3 +333,4 @@ def combine(
         num_warps=4,
     )  # fmt: skip
     return y
+

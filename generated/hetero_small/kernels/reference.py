@@ -311,3 +311,4 @@ def moe_experts(
             o = o * rw
         y_TH = y_TH.index_add(0, tok, o)
     return y_TH.to(x_TH.dtype)
+

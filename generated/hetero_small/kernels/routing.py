@@ -210,3 +210,4 @@ def moe_routing(
         NORM=norm, num_warps=4,
     )  # fmt: skip
     return ids, weights
+

@@ -1,0 +1,138 @@
+"""Generated layers of real-model shapes in bf16 on CUDA (backend triton) against float32 torch.
+
+Run on a GPU machine: ``pytest -m gpu tests/gpu/test_generated_gpu.py``. Needs only torch, triton
+and pytest there: the packages are generated beforehand from ``bench/specs`` (one layer each, real
+H / F / E / K) with ``moec build bench/specs/*.yaml --out-dir bench/generated`` and imported from
+that folder.
+
+The reference is the same layer in float32 with backend torch, holding only the experts the routing
+hits (DeepSeek-V3's 256 experts are 45 GB in float32; its test also uses few tokens). Outputs, the
+input gradient and the weight gradients of the hit experts must agree to a relative error
+‖a − b‖ / ‖b‖ <= 2e-2. The whole-layer forward (router included) is compared on the tokens that the
+bf16 and float32 routers send to the same experts.
+"""
+
+import copy
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+pytest.importorskip("triton")
+
+GENERATED = Path(__file__).resolve().parents[2] / "bench" / "generated"
+TOKENS = {  # package -> tokens of the test
+    "mixtral_8x7b": 256,
+    "qwen3_30b_a3b": 256,
+    "olmoe_1b_7b": 256,
+    "gpt_oss_20b": 256,
+    "deepseek_v3": 8,  # <= 64 experts hit: the float32 reference and its gradients stay ~22 GB
+}
+TOL = 2e-2
+DEVICE = "cuda"
+
+
+def load(name: str):
+    if not (GENERATED / name / "__init__.py").exists():
+        pytest.skip(
+            f"run `moec build bench/specs/*.yaml --out-dir bench/generated` ({name} missing)"
+        )
+    if str(GENERATED) not in sys.path:
+        sys.path.insert(0, str(GENERATED))
+    return importlib.import_module(name)
+
+
+def free_memory() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_biases(layer: torch.nn.Module) -> None:
+    """Biases start at zero; give them values so that the test covers them."""
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    with torch.no_grad():
+        for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+            if name.split(".")[-1].startswith(("b_", "bias", "selection_bias")):
+                t.copy_(0.1 * torch.randn(t.shape, device=DEVICE, generator=g))
+
+
+def reference_layer(pkg, layer, hit: set[int]):
+    """``layer`` in float32 with backend torch, holding only the routed experts in ``hit``."""
+    ref = pkg.MoELayer(torch.float32, device="meta", backend="torch")
+    for name, child in layer.named_children():
+        if name != "groups":
+            setattr(ref, name, copy.deepcopy(child).float())
+    for name, g in layer.groups.items():
+        held = [e for e in g.experts if e in hit]
+        new = type(g)(torch.float32, device=DEVICE, experts=held)
+        rows = g.local_index[torch.tensor(held, dtype=torch.long, device=DEVICE) - g.FIRST]
+        with torch.no_grad():
+            for pname, p in g.named_parameters():
+                getattr(new, pname).copy_(p[rows].float())
+        ref.groups[name] = new
+    return ref.to(DEVICE)
+
+
+def hit_rows(g, hit: set[int]) -> torch.Tensor:
+    held = [e for e in g.experts if e in hit]
+    return g.local_index[torch.tensor(held, dtype=torch.long, device=DEVICE) - g.FIRST]
+
+
+@pytest.mark.parametrize("name", list(TOKENS))
+def test_layer_bf16_triton_vs_fp32_torch(name):
+    pkg = load(name)
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton")
+    randomize_biases(layer)
+    T, H = TOKENS[name], pkg.layer.HIDDEN
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    gy = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+
+    # Experts (routing given: the layer's own Triton routing kernel), forward and backward.
+    with torch.no_grad():
+        ids, w, _ = layer.route(x)
+    hit = set(ids.flatten().tolist()) - {-1}
+    x_bf = x.clone().requires_grad_()
+    y = layer.experts(x_bf, ids, w)
+    y.backward(gy)
+    grads = {  # the hit experts' rows only, then free the full-size gradients
+        (gname, pname): p.grad[hit_rows(g, hit)].float()
+        for gname, g in layer.groups.items()
+        for pname, p in g.named_parameters()
+    }
+    layer.zero_grad(set_to_none=True)
+    free_memory()
+
+    ref = reference_layer(pkg, layer, hit)
+    x32 = x.float().requires_grad_()
+    y32 = ref.experts(x32, ids, w.float())
+    y32.backward(gy.float())
+    errs = {"y": rel_err(y, y32), "dx": rel_err(x_bf.grad, x32.grad)}
+    for (gname, pname), grad in grads.items():
+        errs[f"d{gname}.{pname}"] = rel_err(grad, getattr(ref.groups[gname], pname).grad)
+    print(name, {k: f"{v:.1e}" for k, v in errs.items()})
+    assert max(errs.values()) <= TOL, errs
+
+    # The whole layer, router included, on the tokens both routers send to the same experts.
+    with torch.no_grad():
+        y_full = layer(x)
+        y_full32 = ref(x.float())
+        ids32 = ref.route(x.float())[0]
+    same = (ids.sort(-1).values == ids32.sort(-1).values).all(-1)
+    print(name, f"routing agrees on {same.float().mean().item():.1%} of tokens")
+    assert same.float().mean() >= 0.8
+    assert rel_err(y_full[same], y_full32[same]) <= TOL
+    del layer, ref, grads
+    free_memory()
