@@ -43,6 +43,8 @@ PACKAGE_FILES = {
     "tuning.py": ("torch/tuning.py.jinja", None),
     "launch/__init__.py": ("torch/launch/__init__.py.jinja", None),
     "launch/run.py": ("torch/launch/run.py.jinja", None),
+    "launch/torchrun.sh": ("torch/launch/torchrun.sh.jinja", None),
+    "launch/slurm.sbatch": ("torch/launch/slurm.sbatch.jinja", None),
 }
 
 
@@ -146,7 +148,7 @@ def _finish(path: str, text: str, template: str) -> str:
             ast.parse(text)
         except (black.InvalidInput, SyntaxError) as exc:
             raise RenderError(f"template {template} produced invalid Python: {exc}") from None
-    elif path.endswith(".sh") and shutil.which("bash"):
+    elif path.endswith((".sh", ".sbatch")) and shutil.which("bash"):
         result = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
         if result.returncode:
             raise RenderError(f"template {template} produced invalid shell: {result.stderr}")

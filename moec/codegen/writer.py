@@ -120,7 +120,7 @@ def write_package(
             target = staging / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-            if path.endswith(".sh"):
+            if path.endswith((".sh", ".sbatch")):
                 target.chmod(0o755)
         _swap(staging, root)
     except BaseException:

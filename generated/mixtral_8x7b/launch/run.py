@@ -2,14 +2,20 @@
 # spec: specs/mixtral_8x7b.yaml (sha256 320e357f3b3ea453f4c462dc212482373b15b9a42c35ff4a9a387a0445860340)
 # template: torch/launch/run.py.jinja
 # regenerate: moec build specs/mixtral_8x7b.yaml -o generated/mixtral_8x7b
-"""Run `mixtral_8x7b`: ``smoke`` checks the layer end to end, ``bench`` times it.
+"""Run `mixtral_8x7b`: ``smoke`` checks the layer end to end, ``bench`` times it, ``train`` takes a few steps.
 
-python -m mixtral_8x7b.launch.run smoke [--tokens 64] [--device cpu]
-python path/to/mixtral_8x7b/launch/run.py bench --tokens 4096 --device cuda
+    python path/to/mixtral_8x7b/launch/run.py smoke [--tokens 64] [--device cpu]
+    launch/torchrun.sh smoke        # 8 processes (1 × 8): NCCL on GPUs, gloo on CPU
+
+Under torchrun (WORLD_SIZE=8) the layer shards itself over the ranks; ``smoke`` then compares
+every rank's output and input gradient with a single-process layer holding the same weights and exits
+non-zero on a mismatch.
 """
 
 import argparse
 import importlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +29,8 @@ if __package__ in (None, ""):  # run as a script: import the package from the fo
 else:
     pkg = importlib.import_module(__package__.rsplit(".", 1)[0])
 
+HIDDEN = 4096
+
 
 def checksum(t: torch.Tensor) -> str:
     """A short fingerprint of a tensor: its float64 sum and sum of squares."""
@@ -30,56 +38,143 @@ def checksum(t: torch.Tensor) -> str:
     return f"{t.sum().item():+.6e}/{t.square().sum().item():.6e}"
 
 
-def smoke(args) -> int:
-    """Build the layer with seeded weights, run forward (and backward), check the output is finite."""
+def setup(args) -> tuple[int, int]:
+    """(rank, world): initialise torch.distributed when launched by torchrun; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and world > 1:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return rank, world
+
+
+def layers(args, world: int):
+    """(the layer to run, a single-process reference with the same weights or None)."""
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    layer = pkg.MoELayer(dtype=dtype, device=args.device)
-    x = torch.randn(2, args.tokens // 2, 4096, dtype=dtype, device=args.device, requires_grad=True)
-    y = layer(x)
-    loss = y.float().square().mean() + sum(v for k, v in layer.aux_losses.items() if k == "total")
-    loss.backward()
-    ids, weights, _ = layer.route(x.detach().reshape(-1, 4096))
-    ok = bool(torch.isfinite(y).all()) and x.grad is not None and bool(torch.isfinite(x.grad).all())
-    print(
-        f"layer     mixtral_8x7b: {sum(p.numel() for p in layer.parameters()):,} parameters, {args.dtype}, {args.device}"
-    )
-    print(f"input     {tuple(x.shape)} -> output {tuple(y.shape)}")
-    print(
-        f"routing   {ids.shape[1]} slots/token, {int((ids >= 0).sum())} kept, {int((ids < 0).sum())} dropped"
-    )
-    for name, value in layer.aux_losses.items():
-        print(f"aux loss  {name} = {value.item():.6f}")
-    print(f"checksum  y {checksum(y)}  |y|max {y.abs().max().item():.6f}")
-    print("smoke     ok" if ok else "smoke     FAILED: non-finite output or gradient")
+    full = pkg.MoELayer(dtype=dtype, device=args.device, distributed=False)
+    if world == 1:
+        return full, None
+    sharded = pkg.MoELayer(dtype=dtype, device=args.device)
+    sharded.load_unsharded_state_dict(full.state_dict())
+    return sharded, full
+
+
+def smoke(args, rank: int, world: int) -> int:
+    """Forward and backward on seeded inputs; finite, and equal to the single-process layer."""
+    layer, reference = layers(args, world)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(2, args.tokens // 2, HIDDEN, dtype=dtype, device=args.device)
+    grad = torch.randn_like(x)
+    results = []
+    for model in (layer, reference) if reference is not None else (layer,):
+        xr = x.clone().requires_grad_()
+        y = model(xr)
+        (y.float() * grad.float()).sum().backward()
+        results.append((y.detach().float(), xr.grad.float()))
+    y, dx = results[0]
+    ok = bool(torch.isfinite(y).all() and torch.isfinite(dx).all())
+    detail = ""
+    if reference is not None:
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        err_y = ((y - results[1][0]).norm() / results[1][0].norm().clamp(min=1e-30)).item()
+        err_dx = ((dx - results[1][1]).norm() / results[1][1].norm().clamp(min=1e-30)).item()
+        ok = ok and err_y <= tol and err_dx <= tol
+        detail = f" | vs single process: rel err y {err_y:.2e}, dx {err_dx:.2e} (tol {tol:.0e})"
+    print(f"[rank {rank}/{world}] y {tuple(y.shape)} checksum {checksum(y)}{detail}", flush=True)
+    if world > 1:
+        flag = torch.tensor([0.0 if ok else 1.0], device=args.device)
+        torch.distributed.all_reduce(flag)
+        ok = flag.item() == 0
+    if rank == 0:
+        for name, value in layer.aux_losses.items():
+            print(f"aux loss  {name} = {value.item():.6f}")
+        print(
+            "smoke     ok" if ok else "smoke     FAILED: mismatch or non-finite values", flush=True
+        )
     return 0 if ok else 1
 
 
-def bench(args) -> int:
-    """Median time of forward (and the expert path alone) over a few repeats."""
-    torch.manual_seed(0)
+def _sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _median_ms(fn, args) -> float:
+    times = []
+    for _ in range(args.repeat + 2):
+        _sync(args)
+        start = time.perf_counter()
+        fn()
+        _sync(args)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[2:])
+    return times[len(times) // 2] * 1e3
+
+
+def bench(args, rank: int, world: int) -> int:
+    """Median time of the layer and of its phases (route, dispatch, experts, combine) per rank."""
+    layer, _ = layers(args, world)
+    layer.eval()
     dtype = getattr(torch, args.dtype)
-    layer = pkg.MoELayer(dtype=dtype, device=args.device).eval()
-    x_TH = torch.randn(args.tokens, 4096, dtype=dtype, device=args.device)
-    ids, weights, _ = layer.route(x_TH)
-    for label, fn in (
-        ("forward", lambda: layer(x_TH)),
-        ("experts", lambda: layer.experts(x_TH, ids, weights)),
-    ):
-        times = []
-        with torch.no_grad():
-            for _ in range(args.repeat + 1):
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        times = sorted(times[1:])
-        print(
-            f"{label:8s} T={args.tokens}: median {times[len(times) // 2] * 1e3:.3f} ms over {args.repeat}"
+    x_TH = torch.randn(args.tokens, HIDDEN, dtype=dtype, device=args.device)
+    results = {}
+    with torch.no_grad():
+        ids, weights, _ = layer.route(x_TH)
+        results["route"] = _median_ms(lambda: layer.route(x_TH), args)
+        if getattr(layer, "dispatcher", None) is not None:
+            d = layer.dispatcher
+            x_NH, expert_N, weight_N, state = d.dispatch(x_TH, ids, weights)
+            out_NH = torch.zeros(x_NH.shape, dtype=torch.float32, device=x_NH.device)
+
+            def experts():
+                for group in layer.groups.values():
+                    group(x_NH, expert_N.unsqueeze(1), weight_N.unsqueeze(1), out_NH, x_NH.is_cuda)
+
+            results["dispatch"] = _median_ms(lambda: d.dispatch(x_TH, ids, weights), args)
+            results["experts"] = _median_ms(experts, args)
+            results["combine"] = _median_ms(lambda: d.combine(out_NH, state, x_TH.shape[0]), args)
+            results["rows received"] = x_NH.shape[0]
+        else:
+            results["experts"] = _median_ms(lambda: layer.experts(x_TH, ids, weights), args)
+        results["forward"] = _median_ms(lambda: layer(x_TH), args)
+    line = ", ".join(
+        f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()
+    )
+    print(f"[rank {rank}/{world}] T={args.tokens} {args.dtype}: {line}", flush=True)
+    if args.out:
+        Path(f"{args.out}.rank{rank}.json").write_text(
+            json.dumps({"tokens": args.tokens, **results}) + "\n"
         )
+    return 0
+
+
+def train(args, rank: int, world: int) -> int:
+    """A few SGD steps on a toy objective (match a fixed random map) plus the balancing losses."""
+    layer, _ = layers(args, world)
+    layer.train()
+    dtype = getattr(torch, args.dtype)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    torch.manual_seed(2 + rank)
+    target = torch.randn(HIDDEN, HIDDEN, dtype=dtype, device=args.device) / HIDDEN**0.5
+    for step in range(args.steps):
+        x = torch.randn(args.tokens, HIDDEN, dtype=dtype, device=args.device)
+        loss = (layer(x) - x @ target).float().square().mean()
+        loss = loss + layer.aux_losses.get("total", 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        if getattr(layer, "dispatcher", None) is not None:
+            layer.reduce_replica_grads()
+        optimizer.step()
+        if rank == 0:
+            print(f"step {step}: loss {loss.item():.6f}", flush=True)
     return 0
 
 
@@ -87,13 +182,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["smoke", "bench"])
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("command", choices=["smoke", "bench", "train"])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per rank")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=10, help="timed repeats (bench)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps (train)")
+    parser.add_argument("--out", help="bench: write <out>.rank<r>.json")
     args = parser.parse_args(argv)
-    return {"smoke": smoke, "bench": bench}[args.command](args)
+    rank, world = setup(args)
+    try:
+        return {"smoke": smoke, "bench": bench, "train": train}[args.command](args, rank, world)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
