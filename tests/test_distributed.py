@@ -45,6 +45,14 @@ CONFIGS = {
     ),
     "all_gather": "parallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\ncomm: {dispatch: all_gather}\n",
     "expert_tp2": "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n",
+    "weight_on_input_hierarchical": (
+        "weight_on: input\nparallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "comm: {dispatch: hierarchical}\n"
+    ),
+    "weight_on_input_flat": (
+        "weight_on: input\nparallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "comm: {dispatch: all_to_all}\n"
+    ),
 }
 
 

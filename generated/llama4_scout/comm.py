@@ -25,6 +25,7 @@ WORLD, NODES, GPUS_PER_NODE = 8, 1, 8
 DP, TP, EP, PP, EXPERT_TP, EDP = 8, 1, 8, 1, 1, 1
 NUM_EXPERTS = 16
 DISPATCH = "all_to_all"  # all_to_all | hierarchical | all_gather
+WEIGHT_ON_INPUT = True  # the routing weight scales the expert input (sent with the row)
 
 # PLACEMENT[layer][ep_rank] = global expert ids held by that ep rank (ids repeat across ranks for
 # replicas), for each MoE layer of the plan (plan.json: placement.layers[i].ranks).
@@ -184,6 +185,14 @@ class Dispatcher:
         width = max(len(h) for h in holders)
         self.copies_E = torch.tensor([len(h) for h in holders])
         self.holder_EC = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders])
+        # position_EG[e, g]: place of expert e in ep rank g's list (0 where g does not hold e)
+        self.width = max(len(ids) for ids in self.placement)
+        self.position_EG = torch.zeros(NUM_EXPERTS, EP, dtype=torch.long)
+        for g, ids in enumerate(self.placement):
+            for j, e in enumerate(ids):
+                self.position_EG[e, g] = j
+        held = list(self.placement[ep_rank(rank)])
+        self.held_J = torch.tensor(held + [held[0]] * (self.width - len(held)))  # padding: count 0
         if DISPATCH == "hierarchical":
             node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
             self.per_node = node_G.count(node_G[0])
@@ -209,20 +218,42 @@ class Dispatcher:
         slot_S = torch.nonzero(topk_ids_TK.reshape(-1) >= 0).squeeze(1)
         expert_S = topk_ids_TK.reshape(-1)[slot_S]
         dest_S = self._holder(expert_S, slot_S // K)
-        order_S = torch.argsort(dest_S, stable=True)
-        slot_S, expert_S, dest_S = slot_S[order_S], expert_S[order_S], dest_S[order_S]
+        # rows go out grouped by destination, then by the expert's place in the destination's list,
+        # so the counts alone tell the receiver which expert each row is for
+        key_S = dest_S * self.width + self.position_EG.to(dest_S.device)[expert_S, dest_S]
+        order_S = torch.argsort(key_S, stable=True)
+        slot_S, expert_S, dest_S, key_S = (
+            slot_S[order_S],
+            expert_S[order_S],
+            dest_S[order_S],
+            key_S[order_S],
+        )
         token_S = slot_S // K
-        rows = [x_TH[token_S], topk_weights_TK.reshape(-1)[slot_S].float().unsqueeze(1)]
-        send_G = torch.bincount(dest_S, minlength=EP).cpu()
+        weight_S = topk_weights_TK.reshape(-1)[slot_S].float()
+        rows_SH = x_TH[token_S]
+        if WEIGHT_ON_INPUT:
+            rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
         if DISPATCH == "hierarchical":
-            (x_NH, weight_N1), expert_N, hops = self._two_hops(rows, expert_S, dest_S, send_G)
+            x_NH, expert_N, hops = self._two_hops(rows_SH, expert_S, dest_S)
         else:
-            recv = _counts(send_G, self.ep_group)
-            x_NH, weight_N1 = [_exchange(r, send_G.tolist(), recv, self.ep_group) for r in rows]
-            expert_N = _exchange_ids(expert_S, send_G.tolist(), recv, self.ep_group)
-            hops = [(send_G.tolist(), recv, self.ep_group, None)]
-        state = {"token_S": token_S, "hops": hops, "T": T, "token_counts": token_counts}
-        return x_NH, expert_N, weight_N1.squeeze(1), state
+            send_GJ = torch.bincount(key_S, minlength=EP * self.width).cpu()
+            recv_GJ = torch.empty_like(send_GJ)
+            dist.all_to_all_single(recv_GJ, send_GJ, group=self.ep_group)
+            send, recv = send_GJ.view(EP, -1).sum(1).tolist(), recv_GJ.view(EP, -1).sum(1).tolist()
+            x_NH = _exchange(rows_SH, send, recv, self.ep_group)
+            expert_N = (
+                self.held_J.to(x_NH.device).repeat(EP).repeat_interleave(recv_GJ.to(x_NH.device))
+            )
+            hops = [(send, recv, self.ep_group, None)]
+        state = {
+            "token_S": token_S,
+            "weight_S": weight_S,
+            "hops": hops,
+            "T": T,
+            "token_counts": token_counts,
+        }
+        # the routing weights stay here: combine applies them (their gradient stays local)
+        return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
 
     def _holder(self, expert_S: torch.Tensor, token_S: torch.Tensor) -> torch.Tensor:
         """The ep rank that computes each slot: copies of a replicated expert alternate by token."""
@@ -237,35 +268,34 @@ class Dispatcher:
             y_NH = _exchange(y_NH, recv, send, group)  # back along the same hop: splits swap
             if order is not None:  # undo the hop's sort
                 y_NH = y_NH[torch.argsort(order)]
-        out_TH = y_NH.new_zeros((state["T"], y_NH.shape[1]), dtype=torch.float32)
-        out_TH = out_TH.index_add(0, state["token_S"], y_NH.float())
+        y_SH = y_NH.float() if WEIGHT_ON_INPUT else y_NH.float() * state["weight_S"].unsqueeze(1)
+        out_TH = y_SH.new_zeros((state["T"], y_SH.shape[1]))
+        out_TH = out_TH.index_add(0, state["token_S"], y_SH)
         return self._scatter_etp(out_TH, state["token_counts"])
 
-    def _two_hops(self, rows, expert_S, dest_S, send_G):
+    def _two_hops(self, rows_SH, expert_S, dest_S):
         """Hierarchical: first within the node to the rank on the destination's rail (its place in its
         node), then along the rail across nodes. Each inter-node message carries a whole node's rows.
         """
-        del send_G  # the hops count their own splits
         rail_S = dest_S % self.per_node
         order_1 = torch.argsort(rail_S, stable=True)
         send_1 = torch.bincount(rail_S, minlength=self.per_node).cpu().tolist()
         recv_1 = _counts(torch.tensor(send_1), self.intra_group)
-        rows = [_exchange(r[order_1], send_1, recv_1, self.intra_group) for r in rows]
-        ids = [
+        rows_RH = _exchange(rows_SH[order_1], send_1, recv_1, self.intra_group)
+        expert_R, node_R = (
             _exchange_ids(t[order_1], send_1, recv_1, self.intra_group)
             for t in (expert_S, dest_S // self.per_node)
-        ]
-        expert_R, node_R = ids
+        )
         order_2 = torch.argsort(node_R, stable=True)
         send_2 = torch.bincount(node_R, minlength=EP // self.per_node).cpu().tolist()
         recv_2 = _counts(torch.tensor(send_2), self.rail_group)
-        rows = [_exchange(r[order_2], send_2, recv_2, self.rail_group) for r in rows]
+        x_NH = _exchange(rows_RH[order_2], send_2, recv_2, self.rail_group)
         expert_N = _exchange_ids(expert_R[order_2], send_2, recv_2, self.rail_group)
         hops = [
             (send_1, recv_1, self.intra_group, order_1),
             (send_2, recv_2, self.rail_group, order_2),
         ]
-        return rows, expert_N, hops
+        return x_NH, expert_N, hops
 
     def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
         """All-gather: every rank sees every token of its ep group and keeps the slots it computes."""
