@@ -193,6 +193,7 @@ class Dispatcher:
                 self.position_EG[e, g] = j
         held = list(self.placement[ep_rank(rank)])
         self.held_J = torch.tensor(held + [held[0]] * (self.width - len(held)))  # padding: count 0
+        self._device_tables = {}
         if DISPATCH == "hierarchical":
             node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
             self.per_node = node_G.count(node_G[0])
@@ -215,55 +216,84 @@ class Dispatcher:
         if DISPATCH == "all_gather":
             return self._dispatch_all_gather(x_TH, topk_ids_TK, topk_weights_TK, token_counts)
         T, K = topk_ids_TK.shape
+        if DISPATCH == "hierarchical":
+            return self._dispatch_hierarchical(x_TH, topk_ids_TK, topk_weights_TK, token_counts)
+        tables = self._tables(x_TH.device)
+        # Rows go out grouped by destination, then by the expert's place in the destination's list,
+        # so the counts alone tell the receiver which expert each row is for. Dropped slots sort last
+        # (key EP * width) and are never sent. One host sync: the split sizes.
+        ids_S = topk_ids_TK.reshape(-1)
+        token_S = torch.arange(T * K, device=x_TH.device) // K
+        expert_S = ids_S.clamp(min=0)
+        dest_S = tables["holder_EC"][expert_S, token_S % tables["copies_E"][expert_S]]
+        key_S = dest_S * self.width + tables["position_EG"][expert_S, dest_S]
+        key_S = torch.where(ids_S >= 0, key_S, EP * self.width)
+        order_S = torch.argsort(key_S, stable=True)
+        send_GJ = torch.bincount(key_S, minlength=EP * self.width + 1)[:-1]
+        recv_GJ = torch.empty_like(send_GJ)
+        dist.all_to_all_single(recv_GJ, send_GJ, group=self.ep_group)
+        counts = torch.stack([send_GJ.view(EP, -1).sum(1), recv_GJ.view(EP, -1).sum(1)]).tolist()
+        send, recv = counts
+        slot_S = order_S[: sum(send)]
+        token_S = token_S[slot_S]
+        weight_S = topk_weights_TK.reshape(-1)[slot_S].float()
+        rows_SH = x_TH[token_S]
+        if WEIGHT_ON_INPUT:
+            rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
+        x_NH = _exchange(rows_SH, send, recv, self.ep_group)
+        expert_N = tables["held_J"].repeat(EP).repeat_interleave(recv_GJ, output_size=x_NH.shape[0])
+        state = {
+            "token_S": token_S,
+            "weight_S": weight_S,
+            "dtype": x_TH.dtype,
+            "T": T,
+            "token_counts": token_counts,
+        }
+        state["hops"] = [(send, recv, self.ep_group, None)]
+        # the routing weights stay here: combine applies them (their gradient stays local)
+        return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
+
+    def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
+        T, K = topk_ids_TK.shape
         slot_S = torch.nonzero(topk_ids_TK.reshape(-1) >= 0).squeeze(1)
         expert_S = topk_ids_TK.reshape(-1)[slot_S]
-        dest_S = self._holder(expert_S, slot_S // K)
-        # rows go out grouped by destination, then by the expert's place in the destination's list,
-        # so the counts alone tell the receiver which expert each row is for
-        key_S = dest_S * self.width + self.position_EG.to(dest_S.device)[expert_S, dest_S]
-        order_S = torch.argsort(key_S, stable=True)
-        slot_S, expert_S, dest_S, key_S = (
-            slot_S[order_S],
-            expert_S[order_S],
-            dest_S[order_S],
-            key_S[order_S],
-        )
+        tables = self._tables(x_TH.device)
+        dest_S = tables["holder_EC"][expert_S, (slot_S // K) % tables["copies_E"][expert_S]]
         token_S = slot_S // K
         weight_S = topk_weights_TK.reshape(-1)[slot_S].float()
         rows_SH = x_TH[token_S]
         if WEIGHT_ON_INPUT:
             rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
-        if DISPATCH == "hierarchical":
-            x_NH, expert_N, hops = self._two_hops(rows_SH, expert_S, dest_S)
-        else:
-            send_GJ = torch.bincount(key_S, minlength=EP * self.width).cpu()
-            recv_GJ = torch.empty_like(send_GJ)
-            dist.all_to_all_single(recv_GJ, send_GJ, group=self.ep_group)
-            send, recv = send_GJ.view(EP, -1).sum(1).tolist(), recv_GJ.view(EP, -1).sum(1).tolist()
-            x_NH = _exchange(rows_SH, send, recv, self.ep_group)
-            expert_N = (
-                self.held_J.to(x_NH.device).repeat(EP).repeat_interleave(recv_GJ.to(x_NH.device))
-            )
-            hops = [(send, recv, self.ep_group, None)]
+        x_NH, expert_N, hops = self._two_hops(rows_SH, expert_S, dest_S)
         state = {
             "token_S": token_S,
             "weight_S": weight_S,
-            "hops": hops,
+            "dtype": x_TH.dtype,
             "T": T,
             "token_counts": token_counts,
         }
-        # the routing weights stay here: combine applies them (their gradient stays local)
+        state["hops"] = hops
         return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
+
+    def _tables(self, device) -> dict:
+        """The routing tables on ``device``, copied once."""
+        if self._device_tables.get("device") != device:
+            names = ("copies_E", "holder_EC", "position_EG", "held_J")
+            self._device_tables = {n: getattr(self, n).to(device) for n in names} | {
+                "device": device
+            }
+        return self._device_tables
 
     def _holder(self, expert_S: torch.Tensor, token_S: torch.Tensor) -> torch.Tensor:
         """The ep rank that computes each slot: copies of a replicated expert alternate by token."""
-        copies_E, holder_EC = self.copies_E.to(expert_S.device), self.holder_EC.to(expert_S.device)
-        return holder_EC[expert_S, token_S % copies_E[expert_S]]
+        tables = self._tables(expert_S.device)
+        return tables["holder_EC"][expert_S, token_S % tables["copies_E"][expert_S]]
 
     def combine(self, y_NH: torch.Tensor, state: dict, num_tokens: int) -> torch.Tensor:
         """Send the weighted expert outputs back and sum them per token -> y_TH float32 [T, H]."""
         if DISPATCH == "all_gather":
             return self._combine_all_gather(y_NH, state)
+        y_NH = y_NH.to(state["dtype"])  # on the wire in the activations' dtype, summed in float32
         for send, recv, group, order in reversed(state["hops"]):
             y_NH = _exchange(y_NH, recv, send, group)  # back along the same hop: splits swap
             if order is not None:  # undo the hop's sort
@@ -279,16 +309,16 @@ class Dispatcher:
         """
         rail_S = dest_S % self.per_node
         order_1 = torch.argsort(rail_S, stable=True)
-        send_1 = torch.bincount(rail_S, minlength=self.per_node).cpu().tolist()
-        recv_1 = _counts(torch.tensor(send_1), self.intra_group)
+        send_1 = torch.bincount(rail_S, minlength=self.per_node)
+        send_1, recv_1 = send_1.tolist(), _counts(send_1, self.intra_group)
         rows_RH = _exchange(rows_SH[order_1], send_1, recv_1, self.intra_group)
         expert_R, node_R = (
             _exchange_ids(t[order_1], send_1, recv_1, self.intra_group)
             for t in (expert_S, dest_S // self.per_node)
         )
         order_2 = torch.argsort(node_R, stable=True)
-        send_2 = torch.bincount(node_R, minlength=EP // self.per_node).cpu().tolist()
-        recv_2 = _counts(torch.tensor(send_2), self.rail_group)
+        send_2 = torch.bincount(node_R, minlength=EP // self.per_node)
+        send_2, recv_2 = send_2.tolist(), _counts(send_2, self.rail_group)
         x_NH = _exchange(rows_RH[order_2], send_2, recv_2, self.rail_group)
         expert_N = _exchange_ids(expert_R[order_2], send_2, recv_2, self.rail_group)
         hops = [
@@ -299,7 +329,7 @@ class Dispatcher:
 
     def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
         """All-gather: every rank sees every token of its ep group and keeps the slots it computes."""
-        counts = _gather_counts(x_TH.shape[0], self.ep_group)
+        counts = _gather_counts(x_TH.shape[0], self.ep_group, x_TH.device)
         xs = _all_gather_rows(x_TH, counts, self.ep_group)
         ids = _all_gather_ids(topk_ids_TK, counts, self.ep_group)
         ws = _all_gather_rows(topk_weights_TK.float(), counts, self.ep_group)
@@ -327,7 +357,7 @@ class Dispatcher:
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):
         """Expert tensor parallelism: every member of the group computes its slice for all its tokens."""
-        counts = _gather_counts(x_TH.shape[0], self.etp_group)
+        counts = _gather_counts(x_TH.shape[0], self.etp_group, x_TH.device)
         xs = _all_gather_rows(x_TH, counts, self.etp_group)
         ws = _all_gather_rows(w_TK.float(), counts, self.etp_group)
         return xs, _all_gather_ids(ids_TK, counts, self.etp_group), ws, counts
@@ -342,9 +372,12 @@ class Dispatcher:
         return out_TH[start : start + token_counts[me]]
 
 
-def _gather_counts(rows: int, group) -> list[int]:
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, torch.tensor([rows]), group=group)
+def _gather_counts(rows: int, group, device) -> list[int]:
+    """Every member's row count (tensors on the data's device: NCCL has no CPU path)."""
+    counts = [
+        torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))
+    ]
+    dist.all_gather(counts, torch.tensor([rows], device=device), group=group)
     return [int(c) for c in counts]
 
 
