@@ -98,4 +98,3 @@ def pick_config(
     if isinstance(c, dict):
         c = MoeConfig(GemmConfig(**c["up"]), GemmConfig(**c["down"]))
     return c
-

@@ -336,4 +336,3 @@ def moe_experts(
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input,
     )  # fmt: skip
-

@@ -333,4 +333,3 @@ def combine(
         num_warps=4,
     )  # fmt: skip
     return y
-
