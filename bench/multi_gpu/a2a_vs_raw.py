@@ -32,6 +32,34 @@ def median_ms(fn, repeat=20):
     return times[len(times) // 2] * 1e3
 
 
+def measure(d, tokens: int, hidden: int, experts: int, top_k: int, rank: int) -> dict:
+    """Raw all_to_all_single vs the dispatcher's dispatch and combine for one token count."""
+    torch.manual_seed(rank)
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    w, ids = torch.randn(tokens, experts, device="cuda").softmax(-1).topk(top_k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    x_N, _, _, state = d.dispatch(x, ids, w)
+    send, recv = state["hops"][0][0], state["hops"][0][1]
+    src = x[state["token_S"]]
+    out = x.new_empty((sum(recv), hidden))
+    raw = median_ms(lambda: dist.all_to_all_single(out, src, recv, send))
+    ours = median_ms(lambda: d.dispatch(x, ids, w))
+    back = median_ms(lambda: d.combine(x_N, state, tokens))
+    sent = sum(n for g, n in enumerate(send) if g != rank) * hidden * 2
+    row = {
+        "tokens": tokens,
+        "bytes_sent_to_peer": sent,
+        "raw_ms": raw,
+        "dispatch_ms": ours,
+        "combine_ms": back,
+        "raw_over_dispatch": raw / ours,
+        "raw_over_combine": raw / back,
+    }
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("package")
@@ -47,25 +75,7 @@ def main():
     hidden = comm._PLAN["dims"]["hidden"]
     experts, top_k = comm.NUM_EXPERTS, comm._PLAN["dims"]["top_k"]
     d = comm.Dispatcher(0)
-    rows = []
-    for tokens in (512, 4096, 16384):
-        torch.manual_seed(rank)
-        x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
-        w, ids = torch.randn(tokens, experts, device="cuda").softmax(-1).topk(top_k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
-        x_N, _, _, state = d.dispatch(x, ids, w)
-        send, recv = state["hops"][0][0], state["hops"][0][1]
-        src = x[state["token_S"]]
-        out = x.new_empty((sum(recv), hidden))
-        raw = median_ms(lambda: dist.all_to_all_single(out, src, recv, send))
-        ours = median_ms(lambda: d.dispatch(x, ids, w))
-        back = median_ms(lambda: d.combine(x_N, state, tokens))
-        sent = sum(n for g, n in enumerate(send) if g != rank) * hidden * 2
-        row = {"tokens": tokens, "bytes_sent_to_peer": sent, "raw_ms": raw, "dispatch_ms": ours,
-               "combine_ms": back, "raw_over_dispatch": raw / ours, "raw_over_combine": raw / back}
-        rows.append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
+    rows = [measure(d, tokens, hidden, experts, top_k, rank) for tokens in (512, 4096, 16384)]
     if rank == 0 and args.out:
         Path(args.out, "a2a_vs_raw.json").write_text(json.dumps(rows, indent=1))
     dist.destroy_process_group()
