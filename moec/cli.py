@@ -196,6 +196,16 @@ def parser() -> argparse.ArgumentParser:
         "--python", default=sys.executable, help="the Python (with torch) that runs the layer"
     )
     t.set_defaults(func=cmd_trace)
+
+    from moec.tune import cmd_tune
+
+    tu = sub.add_parser("tune", help="measure the expert GEMM tiles on this GPU (a tuning table)")
+    tu.add_argument("spec")
+    tu.add_argument("-o", "--output", required=True, help="tuning JSON to write")
+    tu.add_argument("--tokens", default="16,256,4096,16384", help="token counts (table buckets)")
+    tu.add_argument("--rep-ms", type=int, default=25, help="timing budget per candidate (ms)")
+    tu.add_argument("--python", default=sys.executable, help="the Python (torch, triton) to run")
+    tu.set_defaults(func=cmd_tune)
     return p
 
 

@@ -1,0 +1,184 @@
+"""Benchmark the generated layer's expert path (``layer.experts``) on one GPU, bf16, forward.
+
+What is timed (BENCH.md): given x[T, H] and a routing (softmax of random logits → top-k → renorm),
+``layer.experts(x, ids, weights)`` of the package moec generated for each shape, against (a) a
+per-expert loop in eager PyTorch and (b) sort + ``torch._grouped_mm``; also ``layer.route(x)`` and
+the whole ``layer(x)``. Median of ``triton.testing.do_bench``.
+
+The floor is max(FLOPs / peak, bytes / bandwidth) with FLOPs = 2·T·K·3·H·F and bytes = the weights
+of every expert hit at least once + x + y; peak (bf16 GEMM 8192³) and bandwidth (device copy,
+bytes read + written) are measured in the same run.
+
+The packages come from ``bench/specs`` (the GPU machine has no moec; generate them here first):
+
+    moec build bench/specs/*.yaml --out-dir bench/generated
+    python bench/moe_layer.py [--shapes qwen3_30b_a3b,...] [--tokens 16,256] [--tuning T.json]
+
+``--tuning`` registers a ``moec tune`` table (as the spec field ``kernels.tuning`` would) and times
+the shapes it covers a second time. Writes moe_layer.md and moe_layer.json to $OUT when it is set.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "generated"))
+
+_spec = importlib.util.spec_from_file_location("_kernel_bench", HERE / "moe_kernels.py")
+kb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kb)  # eager_loop, grouped_mm, ceilings, median_ms, BEST_PUBLIC
+
+SHAPES = {  # package (bench/specs/<name>.yaml) -> (H, F, E, K); names as in bench/moe_kernels.py
+    "mixtral_8x7b": ((4096, 14336, 8, 2), "mixtral"),
+    "qwen3_30b_a3b": ((2048, 768, 128, 8), "qwen3_30b_a3b"),
+    "olmoe_1b_7b": ((2048, 1024, 64, 8), "olmoe"),
+    "deepseek_v3": ((7168, 2048, 256, 8), "deepseek_v3"),
+}
+TOKENS = (16, 256, 4096, 16384)
+
+
+def load_layer(name: str):
+    pkg = importlib.import_module(name)
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device="cuda", backend="triton").eval()
+    return pkg, layer
+
+
+def routing(T, E, K, g):
+    logits = torch.randn(T, E, device="cuda", generator=g)
+    w, ids = torch.softmax(logits, -1).topk(K, dim=-1)
+    return ids.int(), w / w.sum(-1, keepdim=True)
+
+
+def register(pkg, tables, H, F, E, K) -> bool:
+    """Register the tuned table of (H, F, E, K) as the generated ``backend.kernels()`` would."""
+    for t in tables:
+        if (t["hidden"], t["ffn"], t["experts"], t["top_k"]) == (H, F, E, K):
+            buckets = {int(b): c for b, c in t["buckets"].items()}
+            pkg.backend.kernels().register_configs(H, F, E, K, buckets)
+            return True
+    return False
+
+
+def bench_shape(name, tokens, peak, bw, tables, g):
+    pkg, layer = load_layer(name)
+    (group,) = layer.groups.values()
+    w_up, w_down = group.w_gate_up_E2FH, group.w_down_EHF
+    gmm_weights = [
+        (lambda: w_up.transpose(1, 2), lambda: w_down.transpose(1, 2)),
+        (kb._cached(lambda: w_up.transpose(1, 2).contiguous()),
+         kb._cached(lambda: w_down.transpose(1, 2).contiguous())),
+    ]  # fmt: skip
+    return [run_case(pkg, layer, w_up, w_down, gmm_weights, T, peak, bw, tables, g) for T in tokens]
+
+
+@torch.no_grad()
+def run_case(pkg, layer, w_up, w_down, gmm_weights, T, peak, bw, tables, g):
+    """One token count: the timings of one table row."""
+    name = pkg.__name__
+    (H, F, E, K), _ = SHAPES[name]
+    t0 = time.time()
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g)
+    ids, w = routing(T, E, K, g)
+    hit = int(torch.unique(ids).numel())
+    flops = 2 * T * K * 3 * H * F
+    nbytes = hit * 3 * H * F * 2 + 2 * T * H * 2
+    floor_ms = max(flops / peak / 1e9, nbytes / bw / 1e9)
+    rep = 100 if T <= 4096 else 200
+    r = dict(shape=name, H=H, F=F, E=E, K=K, T=T, experts_hit=hit, floor_ms=floor_ms)
+    y = layer.experts(x, ids, w)
+    r["experts_ms"] = kb.median_ms(lambda: layer.experts(x, ids, w), rep)
+    y_loop = kb.eager_loop(x, ids, w, w_up, w_down)
+    r["err_vs_loop"] = kb.rel_err(y, y_loop)
+    r["loop_ms"] = kb.median_ms(lambda: kb.eager_loop(x, ids, w, w_up, w_down), rep)
+    r["grouped_mm_ms"] = None
+    for wu, wd in gmm_weights:
+        try:
+            kb.grouped_mm(x, ids, w, wu(), wd())
+            r["grouped_mm_ms"] = kb.median_ms(
+                lambda a=wu(), b=wd(): kb.grouped_mm(x, ids, w, a, b), rep
+            )
+            break
+        except Exception as exc:  # torch._grouped_mm missing, or refusing this layout
+            r["grouped_mm_error"] = repr(exc)[:300]
+    if tables and register(pkg, tables, H, F, E, K):
+        r["err_tuned_vs_loop"] = kb.rel_err(layer.experts(x, ids, w), y_loop)
+        r["tuned_ms"] = kb.median_ms(lambda: layer.experts(x, ids, w), rep)
+        pkg.backend.kernels().register_configs(H, F, E, K, {})  # back to the heuristic
+    r["route_ms"] = kb.median_ms(lambda: layer.route(x), 50)
+    r["forward_ms"] = kb.median_ms(lambda: layer(x), rep)
+    print(
+        f"{name:14s} T={T:6d} experts {r['experts_ms']:.3f} ms "
+        f"({kb.pct(floor_ms, r['experts_ms'])}) tuned {kb.pct(floor_ms, r.get('tuned_ms'))} "
+        f"gmm {kb.pct(floor_ms, r['grouped_mm_ms'])} loop {kb.pct(floor_ms, r['loop_ms'])} "
+        f"route {1e3 * r['route_ms']:.0f} us forward {r['forward_ms']:.3f} ms "
+        f"err {r['err_vs_loop']:.1e} [{time.time() - t0:.1f}s]",
+        flush=True,
+    )
+    return r
+
+
+def table(rows, peak, bw, device):
+    """Markdown: % of floor (higher is better, 100% = the floor) and the other timings."""
+    pct = kb.pct
+    lines = [
+        f"device: {device}; torch {torch.__version__}, triton {triton.__version__}; ceilings "
+        f"measured in this run: bf16 GEMM 8192³ {peak:.0f} TFLOP/s, device copy {bw:.2f} TB/s; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| shape (H, F, E, K) | T | floor ms | layer.experts ms | layer.experts % | tuned table % | "
+        "torch._grouped_mm % | per-expert loop % | best public % (BENCH.md) | route µs | "
+        "layer(x) ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        (shape, kname), f = SHAPES[r["shape"]], r["floor_ms"]
+        best = kb.BEST_PUBLIC[kname][TOKENS.index(r["T"])] if r["T"] in TOKENS else None
+        lines.append(
+            f"| {r['shape']} {shape} | {r['T']} | {f:.3f} | {r['experts_ms']:.3f} | "
+            f"{pct(f, r['experts_ms'])} | {pct(f, r.get('tuned_ms'))} | "
+            f"{pct(f, r['grouped_mm_ms'])} | {pct(f, r['loop_ms'])} | {best}% | "
+            f"{1e3 * r['route_ms']:.0f} | {r['forward_ms']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--tuning", help="a moec tune JSON: also time the shapes it covers with it")
+    args = ap.parse_args()
+    out = os.environ.get("OUT")
+    tables = json.loads(Path(args.tuning).read_text())["tables"] if args.tuning else []
+    device = torch.cuda.get_device_name()
+    peak, bw = kb.ceilings()
+    print(f"{device}: bf16 GEMM {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rows = []
+    for name in args.shapes.split(","):
+        rows += bench_shape(name, tokens, peak, bw, tables, g)
+        torch.cuda.empty_cache()
+        if out:  # keep what is done if a later shape runs out of time
+            Path(out, "moe_layer.json").write_text(json.dumps(dict(rows=rows)))
+    md = table(rows, peak, bw, device)
+    print(md)
+    if out:
+        Path(out, "moe_layer.md").write_text(md + "\n")
+        Path(out, "moe_layer.json").write_text(
+            json.dumps(dict(device=device, peak_tflops=peak, copy_tbps=bw, rows=rows), indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
