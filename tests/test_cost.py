@@ -1,4 +1,5 @@
-"""Planner cost model: alpha-beta fits, roofline, collectives, overlap and memory."""
+"""Planner cost model: alpha-beta fits, roofline, collectives, overlap and memory; the chunk count
+and shared-expert overlap the comm plan picks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moec.plan import run_passes
 from moec.plan.cost import (
     PROFILES,
     ExpertShape,
@@ -19,10 +21,13 @@ from moec.plan.cost import (
     fit_alpha_beta,
     flat_all_to_all_us,
     hierarchical_all_to_all_us,
+    linear_stage,
+    moe_layer_us,
     pipeline_us,
     rank_memory,
     token_cost_us,
 )
+from moec.spec import load_spec_text
 
 # BENCH.md, all_to_all_single on 2 x H200: bytes per rank -> median µs. Half of each rank's buffer
 # goes to the other rank, so bytes on the wire are size / 2.
@@ -151,6 +156,77 @@ def test_pipeline_formula():
     assert best < pipeline_us(stages, 1) and 1 < chunks < 16
     with pytest.raises(ValueError):
         pipeline_us(stages, 0)
+
+
+def test_linear_stage_and_shared_overlap():
+    assert linear_stage(100.0, 60.0) == pytest.approx((20.0, 80.0))  # alpha 20 + 80 of bytes
+    assert linear_stage(100.0, 50.0) == (0.0, 100.0)  # compute-bound: no fixed part
+    assert linear_stage(100.0, 100.0) == (100.0, 0.0)  # latency only
+    stages = [(10.0, 90.0), (0.0, 200.0), (10.0, 90.0)]
+    assert moe_layer_us(stages, 1) == pipeline_us(stages, 1) == 400.0
+    assert moe_layer_us(stages, 1, shared_us=80.0) == 400.0  # hidden behind the dispatch
+    assert moe_layer_us(stages, 1, shared_us=130.0) == 430.0  # the experts wait for it
+    # in 2 chunks the shared expert overlaps the first chunk's dispatch only (10 + 45 µs)
+    assert moe_layer_us(stages, 2, shared_us=80.0) == pipeline_us(stages, 2) + 25.0
+
+
+def _plan(links: str, comm: str = "{}", extra: str = ""):
+    """A 4-rank all-to-all layer whose experts take ~67 µs per forward on an h100."""
+    text = f"""name: chunked
+hidden: 1024
+experts: [{{name: e, count: 8, ffn: 1024}}]
+router: {{top_k: 2}}
+parallel: {{dp: 4, ep: 4}}
+cluster: {{gpus_per_node: 4, gpu: h100, links: {{intra: {links}}}}}
+workload: {{tokens_per_rank: 4096, mode: serve}}
+comm: {comm}
+{extra}"""
+    return run_passes(load_spec_text(text)[0])
+
+
+def test_auto_chunks_pipeline_when_compute_and_comm_are_comparable():
+    plan = _plan("{latency_us: 5, gbps: 100}")  # ~115 µs each way against ~67 µs of experts
+    assert plan.comm.dispatch == "all_to_all" and 1 < plan.comm.chunks <= 4
+    phases = plan.cost.phases_us
+    assert plan.cost.total_us < 0.95 * (phases["dispatch"] + phases["experts"] + phases["combine"])
+    assert any(f"pipelined in {plan.comm.chunks} chunks" in note for note in plan.notes)
+    assert not any("does not pipeline" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        "{latency_us: 1, gbps: 100000}",  # communication is negligible
+        "{latency_us: 1000, gbps: 100}",  # latency-bound: every chunk would pay it again
+    ],
+)
+def test_auto_chunks_stay_one_when_pipelining_does_not_pay(links):
+    plan = _plan(links)
+    assert plan.comm.chunks == 1
+    phases = plan.cost.phases_us
+    serial = phases["dispatch"] + phases["experts"] + phases["combine"]
+    assert plan.cost.total_us == pytest.approx(serial, abs=1e-2)
+
+
+def test_explicit_chunks_are_honoured():
+    assert _plan("{latency_us: 1, gbps: 100000}", "{chunks: 3}").comm.chunks == 3
+    assert _plan("{latency_us: 5, gbps: 100}", "{chunks: 1}").comm.chunks == 1
+    hierarchical = _plan("{latency_us: 5, gbps: 100}", "{dispatch: hierarchical, chunks: 3}")
+    assert hierarchical.comm.chunks == 1  # only the flat all-to-all pipelines
+    assert any("comm.chunks: 3 not used" in note for note in hierarchical.notes)
+
+
+def test_shared_expert_overlaps_the_dispatch_in_the_prediction():
+    bare = _plan("{latency_us: 5, gbps: 100}", "{chunks: 1}")
+    dispatch_us = bare.cost.phases_us["dispatch"]
+    small = _plan("{latency_us: 5, gbps: 100}", "{chunks: 1}", "shared: {ffn: 2048}")
+    shared_us = small.cost.phases_us["shared (overlaps dispatch)"]
+    assert 0 < shared_us < dispatch_us
+    assert small.cost.total_us == pytest.approx(bare.cost.total_us)  # hidden behind the dispatch
+    large = _plan("{latency_us: 5, gbps: 100}", "{chunks: 1}", "shared: {ffn: 8192}")
+    shared_us = large.cost.phases_us["shared (overlaps dispatch)"]
+    assert shared_us > dispatch_us  # the experts wait for the rest of it
+    assert large.cost.total_us == pytest.approx(bare.cost.total_us + shared_us - dispatch_us)
 
 
 def test_rank_memory_train_and_inference():

@@ -1,9 +1,11 @@
 """The generated layer sharded over 4 gloo processes equals the single-process layer, forward and
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
-expert tensor parallelism, skewed routing with experts that receive no tokens."""
+expert tensor parallelism, skewed routing with experts that receive no tokens, the flat all-to-all
+pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -53,7 +55,23 @@ CONFIGS = {
         "weight_on: input\nparallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
         "comm: {dispatch: all_to_all}\n"
     ),
+    "chunks2_replicas": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "placement: {strategy: replicate, redundant: 3}\ncomm: {dispatch: all_to_all, chunks: 2}\n"
+    ),
+    "chunks3_weight_on_input": (
+        "weight_on: input\nparallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "comm: {dispatch: all_to_all, chunks: 3}\n"
+    ),
+    "chunks2_expert_tp2": (
+        "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "comm: {dispatch: all_to_all, chunks: 2}\n"
+    ),
 }
+CHUNKS = {"chunks2_replicas": 2, "chunks3_weight_on_input": 3, "chunks2_expert_tp2": 2}
+# tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
+# on every rank, and rank 0's 1 token leaves its second chunk empty too.
+TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2)}
 
 
 def _free_port() -> int:
@@ -70,17 +88,23 @@ def _check(pkg, rank: int, name: str) -> None:
     sharded = pkg.MoELayer()
     assert sharded.dispatcher is not None
     sharded.load_unsharded_state_dict(full.state_dict())
+    assert pkg.comm.CHUNKS == CHUNKS.get(name, 1), name
     torch.manual_seed(100 + rank)
-    tokens = 5 + 3 * rank  # uneven tokens per rank
+    tokens = TOKENS.get(name, (5, 8, 11, 14))[rank]  # uneven tokens per rank
     x = torch.randn(tokens, 16)
     g = torch.randn(tokens, 16)
     outs = {}
     for label, layer in (("full", full), ("sharded", sharded)):
         xr = x.clone().requires_grad_()
-        y = layer(xr)
+        if label == "sharded":
+            with _schedule_log(layer) as log:
+                y = layer(xr)
+        else:
+            y = layer(xr)
         (y * g).sum().backward()
         outs[label] = (y.detach(), xr.grad)
     sharded.reduce_replica_grads()
+    _check_schedule(pkg, log, name)  # after the collectives, so a failure cannot stall the others
     torch.testing.assert_close(
         outs["sharded"][0], outs["full"][0], atol=1e-5, rtol=1e-5, msg=f"{name} y"
     )
@@ -103,6 +127,41 @@ def _check(pkg, rank: int, name: str) -> None:
         torch.testing.assert_close(
             got, want, atol=1e-4, rtol=1e-4, msg=f"{name} {group_name} dW_down"
         )
+
+
+@contextlib.contextmanager
+def _schedule_log(layer):
+    """Log the all-to-alls ("wait" or "async") and shared expert calls made inside, in order."""
+    log = []
+    real_all_to_all, real_shared = dist.all_to_all_single, layer._shared_expert
+
+    def all_to_all(*args, **kwargs):
+        log.append("async" if kwargs.get("async_op") else "wait")
+        return real_all_to_all(*args, **kwargs)
+
+    def shared(x_TH):
+        log.append("shared")
+        return real_shared(x_TH)
+
+    dist.all_to_all_single, layer._shared_expert = all_to_all, shared
+    try:
+        yield log
+    finally:
+        dist.all_to_all_single = real_all_to_all
+        del layer._shared_expert
+
+
+def _check_schedule(pkg, log: list[str], name: str) -> None:
+    """Flat all-to-all: one counts exchange that waits, then every chunk's rows on the wire while
+    the shared expert runs, then each chunk's outputs sent back asynchronously.
+    Hierarchical: the shared expert runs while the inter-node rows are on the wire."""
+    assert log.count("shared") == 1, (name, log)
+    if pkg.comm.DISPATCH == "all_to_all":
+        chunks = pkg.comm.CHUNKS
+        want = ["wait"] + ["async"] * chunks + ["shared"] + ["async"] * chunks
+        assert log == want, (name, log)
+    elif pkg.comm.DISPATCH == "hierarchical":
+        assert log[log.index("shared") - 1] == "async", (name, log)
 
 
 def _worker(rank: int, world: int, port: int, packages: dict, errors) -> None:

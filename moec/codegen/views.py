@@ -371,9 +371,10 @@ def expert_kernel_args(mlp: MLP) -> list[tuple[str, str]]:
 
 
 def comm_view(plan: Plan) -> dict:
-    """The mesh for comm.py (the placement tables it reads from plan.json)."""
+    """The mesh for comm.py (the placement tables it reads from plan.json) and its chunk count."""
     keys = ("nodes", "gpus_per_node", "dp", "tp", "ep", "pp", "expert_tp", "edp")
-    return {"mesh": {k: getattr(plan.mesh, k) for k in keys}}
+    chunks = plan.comm.chunks if plan.comm else 1
+    return {"mesh": {k: getattr(plan.mesh, k) for k in keys}, "chunks": chunks}
 
 
 def package_context(spec: Spec, plan: Plan) -> dict:
@@ -388,6 +389,7 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         group["kernel_args"] = expert_kernel_args(mlp)
     shared = shared_view(spec)
     router = router_view(spec, plan)
+    distributed = plan.mesh.ep * plan.mesh.expert_tp > 1
     return {
         "name": spec.name,
         "version": __version__,
@@ -399,7 +401,10 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         "any_quantized": any(g["quantized"] for g in groups),
         "weight_on_input": spec.weight_on == "input",
         "expert_in": expert_in,
-        "distributed": plan.mesh.ep * plan.mesh.expert_tp > 1,
+        "distributed": distributed,
+        # sharded layers compute the shared expert while the routed rows are on the wire
+        "overlap_shared": distributed and shared is not None,
+        "shared_inline": shared is not None and not distributed,
         "sharded": sharded,
         "expert_tp": plan.mesh.expert_tp,
         "world": plan.mesh.world,

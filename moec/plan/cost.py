@@ -348,6 +348,24 @@ def shared_overlap_us(dispatch_us: float, shared_us: float) -> float:
     return max(dispatch_us, shared_us)
 
 
+def linear_stage(full_us: float, half_us: float) -> tuple[float, float]:
+    """A stage's ``(fixed_us, scaled_us)`` from its time on all the tokens and on half of them.
+
+    For an alpha-beta exchange the fixed part is the latency a chunk pays again; for a memory-bound
+    expert it is reading the weights again. Clamped so both parts are >= 0 and they sum to the full.
+    """
+    fixed = min(max(full_us - 2.0 * (full_us - half_us), 0.0), full_us)
+    return fixed, full_us - fixed
+
+
+def moe_layer_us(stages, chunks: int, shared_us: float = 0.0) -> float:
+    """A MoE layer: :func:`pipeline_us` of (dispatch, experts, combine) over ``chunks`` chunks, with
+    the shared expert computed while the first chunk is dispatched (the experts wait for both)."""
+    fixed, scaled = stages[0]
+    first = fixed + scaled / chunks
+    return pipeline_us(stages, chunks) - first + shared_overlap_us(first, shared_us)
+
+
 # ---------------------------------------------------------------- memory
 
 

@@ -24,10 +24,13 @@ def parse_spec(data: Any, source: SourceMap) -> Spec:
     try:
         spec = Spec.model_validate(_tuples(data))
     except ValidationError as exc:
+        grouped: dict[tuple, list[dict]] = {}
+        for err in exc.errors():  # a union reports once per member: one diagnostic per field
+            grouped.setdefault(_real_path(err["loc"], data), []).append(err)
         diagnostics = {}
-        for err in exc.errors():  # a union reports once per member: keep the first per field
-            diag = _diagnostic(err, source, data)
-            diagnostics.setdefault(diag.path, diag)
+        for errs in grouped.values():
+            diag = _diagnostic(errs, source, data)
+            diagnostics[diag.path] = diag
         # A bad item also makes its list fail as a whole; report only the innermost problems.
         paths = list(diagnostics)
         inner = [
@@ -105,13 +108,21 @@ def _real_path(loc: tuple, data) -> tuple:
     return tuple(path)
 
 
-def _diagnostic(err: dict, source: SourceMap, data):
-    path = _real_path(err["loc"], data)
+def _message(err: dict) -> str:
     kind = err["type"]
     message = _FRIENDLY.get(kind, err["msg"])
     if kind.startswith(("greater_than", "less_than", "literal_error", "too_", "value_error")):
         message = err["msg"].removeprefix("Value error, ")
         message = message[0].lower() + message[1:]
+    return message
+
+
+def _diagnostic(errs: list[dict], source: SourceMap, data):
+    """One diagnostic for the errors of one field (several for a union: each member's, joined)."""
+    err = errs[0]
+    path = _real_path(err["loc"], data)
+    kind = err["type"]
+    message = " or ".join(dict.fromkeys(_message(e) for e in errs))
     got = err.get("input")
     hint = None
     if kind == "extra_forbidden":
