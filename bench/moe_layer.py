@@ -12,7 +12,7 @@ bytes read + written) are measured in the same run.
 The packages come from ``bench/specs`` (the GPU machine has no moec; generate them here first):
 
     moec build bench/specs/*.yaml --out-dir bench/generated
-    python bench/moe_layer.py [--shapes qwen3_30b_a3b,...] [--tokens 16,256] [--tuning T.json]
+    python bench/moe_layer.py [--shapes qwen3_30b_a3b,...] [--tokens 16,256] [--tuning T.json ...]
 
 ``--tuning`` registers a ``moec tune`` table (as the spec field ``kernels.tuning`` would) and times
 the shapes it covers a second time. Writes moe_layer.md and moe_layer.json to $OUT when it is set.
@@ -116,6 +116,20 @@ def run_case(pkg, layer, w_up, w_down, gmm_weights, T, peak, bw, tables, g):
         pkg.backend.kernels().register_configs(H, F, E, K, {})  # back to the heuristic
     r["route_ms"] = kb.median_ms(lambda: layer.route(x), 50)
     r["forward_ms"] = kb.median_ms(lambda: layer(x), rep)
+    # Where the time goes: the kernels alone, the layer replayed from a CUDA graph (no host
+    # overhead), the host time of one eager call, and the routing's parts.
+    kernels = pkg.backend.kernels()
+    (group,) = layer.groups.values()
+    r["kernels_ms"] = kb.median_ms(
+        lambda: kernels.moe_experts_triton(x, ids, w, w_up, w_down, **group.KERNEL), rep
+    )
+    r["experts_graph_ms"] = kb.graph_ms(lambda: layer.experts(x, ids, w))
+    r["experts_host_us"] = host_us(lambda: layer.experts(x, ids, w))
+    logits = layer.router.logits(x)
+    r["logits_ms"] = kb.median_ms(lambda: layer.router.logits(x), 50)
+    r["routing_kernel_ms"] = kb.median_ms(lambda: kernels.moe_routing(logits, K, norm="sum"), 50)
+    r["route_graph_ms"] = kb.graph_ms(lambda: layer.route(x))
+    r["forward_graph_ms"] = kb.graph_ms(lambda: layer(x))
     print(
         f"{name:14s} T={T:6d} experts {r['experts_ms']:.3f} ms "
         f"({kb.pct(floor_ms, r['experts_ms'])}) tuned {kb.pct(floor_ms, r.get('tuned_ms'))} "
@@ -125,6 +139,43 @@ def run_case(pkg, layer, w_up, w_down, gmm_weights, T, peak, bw, tables, g):
         flush=True,
     )
     return r
+
+
+def host_us(fn, calls=50):
+    """Host (CPU) time of one call, launches included: ``calls`` calls with no sync in between."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def breakdown(rows):
+    """Markdown: the layer's overhead over its kernels, and the routing's parts (µs unless ms)."""
+    lines = [
+        "| shape | T | kernels alone ms | layer.experts ms | layer.experts, CUDA graph ms | "
+        "host µs / layer.experts call | router logits µs | routing kernel µs | route µs | "
+        "route, CUDA graph µs | layer(x), CUDA graph ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    def us(v):
+        return "n/a" if v is None else f"{1e3 * v:.0f}"
+
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['T']} | {ms(r['kernels_ms'])} | {ms(r['experts_ms'])} | "
+            f"{ms(r['experts_graph_ms'])} | {r['experts_host_us']:.0f} | {us(r['logits_ms'])} | "
+            f"{us(r['routing_kernel_ms'])} | {us(r['route_ms'])} | {us(r['route_graph_ms'])} | "
+            f"{ms(r['forward_graph_ms'])} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows, peak, bw, device):
@@ -156,10 +207,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--tuning", help="a moec tune JSON: also time the shapes it covers with it")
+    ap.add_argument(
+        "--tuning", nargs="*", default=[],
+        help="moec tune JSONs: also time the shapes they cover with them",
+    )  # fmt: skip
     args = ap.parse_args()
     out = os.environ.get("OUT")
-    tables = json.loads(Path(args.tuning).read_text())["tables"] if args.tuning else []
+    tables = [t for f in args.tuning for t in json.loads(Path(f).read_text())["tables"]]
     device = torch.cuda.get_device_name()
     peak, bw = kb.ceilings()
     print(f"{device}: bf16 GEMM {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s", flush=True)
@@ -171,7 +225,7 @@ def main():
         torch.cuda.empty_cache()
         if out:  # keep what is done if a later shape runs out of time
             Path(out, "moe_layer.json").write_text(json.dumps(dict(rows=rows)))
-    md = table(rows, peak, bw, device)
+    md = table(rows, peak, bw, device) + "\n\n" + breakdown(rows)
     print(md)
     if out:
         Path(out, "moe_layer.md").write_text(md + "\n")

@@ -131,3 +131,45 @@ def test_all_tokens_on_one_expert_and_empty_experts(layer):
         layer.backend = backend
         out[backend] = layer.experts(x, ids, w)
     torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["deepseek_like", "two_widths_k1"])
+def test_torch_compile_fullgraph(name):
+    """The generated layer traces in one graph (custom ops, no breaks), first call included, and
+    the compiled forward and backward equal eager. aot_eager: tracing is what is checked here;
+    inductor's code generation runs in the GPU tests."""
+    pkg = build_package(SPECS[name])  # fresh: the kernels module is first imported while tracing
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(backend="triton")
+    x = torch.randn(7, layer.router.weight.shape[1])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc = compiled(xc)
+    yc.sum().backward()
+    grads_c = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    ye = layer(xe)
+    ye.sum().backward()
+    torch.testing.assert_close(yc, ye)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    for n, p in layer.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads_c[n], p.grad, msg=n)
+
+
+def test_no_grad_calls_skip_the_custom_ops(layer, monkeypatch):
+    """Without autograd or tracing, the public functions call the kernels directly (the custom
+    op's dispatch is host overhead at small T); with autograd they go through the op."""
+    ops = type(layer).__module__.rsplit(".", 1)[0]
+    k = __import__(ops, fromlist=["backend"]).backend.kernels().ops
+    calls = []
+    real = k._experts_op
+    monkeypatch.setattr(k, "_experts_op", lambda *a: calls.append(1) or real(*a))
+    layer.backend = "triton"
+    x = torch.randn(5, layer.router.weight.shape[1])
+    with torch.no_grad():
+        y_fast = layer(x)
+    assert not calls
+    y_op = layer(x)
+    assert calls
+    torch.testing.assert_close(y_fast, y_op.detach())

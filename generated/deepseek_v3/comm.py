@@ -13,6 +13,9 @@ an ep rank holding its expert (a replicated expert's slots alternate between its
 index); combine sends the expert outputs back and sums them per token. The exchanges of activations
 are autograd functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔
 all-reduce), so gradients flow through them.
+
+``Dispatcher.run`` is the layer's schedule: it overlaps the shared expert with the dispatch and, with
+the flat all-to-all, pipelines the tokens in CHUNKS chunks through dispatch → experts → combine.
 """
 
 import json
@@ -25,6 +28,7 @@ WORLD, NODES, GPUS_PER_NODE = 64, 8, 8
 DP, TP, EP, PP, EXPERT_TP, EDP = 64, 1, 64, 1, 1, 1
 NUM_EXPERTS = 256
 DISPATCH = "hierarchical"  # all_to_all | hierarchical | all_gather
+CHUNKS = 1  # plan comm.chunks: token chunks of the flat all-to-all pipeline (1: no pipeline)
 WEIGHT_ON_INPUT = False  # the routing weight scales the expert input (sent with the row)
 
 # PLACEMENT[layer][ep_rank] = global expert ids held by that ep rank (ids repeat across ranks for
@@ -86,13 +90,26 @@ def _all_groups() -> dict[str, list[tuple[int, ...]]]:
 
 
 class _AllToAll(torch.autograd.Function):
-    """Rows to ranks with uneven splits; the backward sends the gradients back the same way."""
+    """Rows to ranks with uneven splits; the backward sends the gradients back the same way.
+
+    With a list ``works``, the forward only starts the exchange and appends its work handle: the
+    output may be read after ``work.wait()``. The backward always waits.
+    """
 
     @staticmethod
-    def forward(ctx, rows, send_counts, recv_counts, group):
+    def forward(ctx, rows, send_counts, recv_counts, group, works=None):
         ctx.args = (send_counts, recv_counts, group)
         out = rows.new_empty((sum(recv_counts),) + tuple(rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=group)
+        work = dist.all_to_all_single(
+            out,
+            rows.contiguous(),
+            recv_counts,
+            send_counts,
+            group=group,
+            async_op=works is not None,
+        )
+        if works is not None:
+            works.append(work)
         return out
 
     @staticmethod
@@ -100,7 +117,7 @@ class _AllToAll(torch.autograd.Function):
         send_counts, recv_counts, group = ctx.args
         grad = grad_out.new_empty((sum(send_counts),) + tuple(grad_out.shape[1:]))
         dist.all_to_all_single(grad, grad_out.contiguous(), send_counts, recv_counts, group=group)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -148,6 +165,27 @@ def _exchange(
     return _AllToAll.apply(rows, send_counts, recv_counts, group)
 
 
+def _start_exchange(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group):
+    """Start a differentiable all-to-all -> (out, work); read ``out`` only after ``work.wait()``.
+    On NCCL the wait makes the current stream wait; on gloo it blocks until the rows are in."""
+    works = []
+    out = _AllToAll.apply(rows, send_counts, recv_counts, group, works)
+    return out, works[0]
+
+
+def _nothing() -> None:
+    """The default ``meanwhile``: no work to overlap."""
+
+
+def _run_experts(experts, x_NH, expert_N, weight_N) -> torch.Tensor:
+    """``experts(x_NH, expert_N, weight_N)``, or with no rows the (empty) rows themselves in float32:
+    every rank's backward must run the same exchanges, and an output no expert touched would leave
+    the combine out of this rank's autograd graph."""
+    if x_NH.shape[0] == 0:
+        return x_NH.float()
+    return experts(x_NH, expert_N, weight_N)
+
+
 def _exchange_ids(
     ids: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
 ) -> torch.Tensor:
@@ -168,7 +206,8 @@ class Dispatcher:
     """Moves one MoE layer's routed rows to the ranks holding their experts, and back.
 
     ``dispatch`` returns the received rows, their global expert ids and routing weights; the local
-    experts turn them into weighted outputs; ``combine`` returns those to their tokens.
+    experts turn them into weighted outputs; ``combine`` returns those to their tokens. ``run`` does
+    all three for the layer, overlapping communication with compute.
     """
 
     def __init__(self, layer: int = 0):
@@ -205,55 +244,139 @@ class Dispatcher:
         return [e for e in range(NUM_EXPERTS) if int(self.copies_E[e]) > 1]
 
     def dispatch(
-        self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+        self,
+        x_TH: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        meanwhile=None,
     ):
-        """-> (x_NH, expert_N, weight_N, state): the rows this rank's experts must compute."""
+        """-> (x_NH, expert_N, weight_N, state): the rows this rank's experts must compute, in one
+        chunk. ``meanwhile()`` runs while the rows are on the wire (all-gather: after them);
+        ``state["meanwhile"]`` holds what it returned."""
+        meanwhile = meanwhile if meanwhile is not None else _nothing
         token_counts = None
         if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
             x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
                 x_TH, topk_ids_TK, topk_weights_TK
             )
         if DISPATCH == "all_gather":
-            return self._dispatch_all_gather(x_TH, topk_ids_TK, topk_weights_TK, token_counts)
-        T, K = topk_ids_TK.shape
+            x_NH, expert_N, weight_N, state = self._dispatch_all_gather(
+                x_TH, topk_ids_TK, topk_weights_TK, token_counts
+            )
+            return x_NH, expert_N, weight_N, state | {"meanwhile": meanwhile()}
         if DISPATCH == "hierarchical":
-            return self._dispatch_hierarchical(x_TH, topk_ids_TK, topk_weights_TK, token_counts)
+            return self._dispatch_hierarchical(
+                x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile
+            )
+        route = self._route(x_TH, topk_ids_TK, topk_weights_TK, chunks=1)
+        send, recv = route["send_CG"][0], route["recv_CG"][0]
+        x_NH, work = _start_exchange(route["rows_SH"], send, recv, self.ep_group)
+        state = {"token_S": route["token_S"], "weight_S": route["weight_S"], "dtype": x_TH.dtype}
+        state |= {"T": x_TH.shape[0], "token_counts": token_counts, "meanwhile": meanwhile()}
+        state["hops"] = [(send, recv, self.ep_group, None)]
+        work.wait()
+        expert_N = self._received_experts(route, 0, x_NH.shape[0])
+        # the routing weights stay here: combine applies them (their gradient stays local)
+        return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
+
+    def run(self, x_TH, topk_ids_TK, topk_weights_TK, experts, meanwhile=None):
+        """The routed path of the layer -> (y_TH float32 [T, H], what ``meanwhile()`` returned).
+
+        ``experts(x_NH, expert_N, weight_N)`` -> out_NH float32: the weighted outputs of this rank's
+        experts for the rows it receives. ``meanwhile`` (no arguments: the shared expert) runs while
+        routed rows are on the wire. The flat all-to-all pipelines CHUNKS chunks of tokens:
+
+            the counts of every chunk: one small all-to-all, one host sync
+            send every chunk ─ meanwhile()
+            for each chunk i: wait for chunk i ─ experts(chunk i) ─ send chunk i's outputs back
+            wait for the outputs, sum them per token
+
+        so chunk i+1 travels while the experts compute chunk i, and chunk i's outputs travel back
+        while later chunks compute. All the sends are queued first: on one NCCL stream they run back
+        to back and none waits for compute queued before it. Hierarchical dispatch runs one chunk
+        with ``meanwhile`` beside its inter-node hop; all-gather runs it after the gathers.
+        """
+        if DISPATCH != "all_to_all":
+            x_NH, expert_N, weight_N, state = self.dispatch(
+                x_TH, topk_ids_TK, topk_weights_TK, meanwhile
+            )
+            out_NH = _run_experts(experts, x_NH, expert_N, weight_N)
+            return self.combine(out_NH, state, x_TH.shape[0]), state["meanwhile"]
+        token_counts = None
+        if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
+            x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
+                x_TH, topk_ids_TK, topk_weights_TK
+            )
+        route = self._route(x_TH, topk_ids_TK, topk_weights_TK, CHUNKS)
+        send_CG, recv_CG = route["send_CG"], route["recv_CG"]
+        sizes_C = [sum(send_G) for send_G in send_CG]  # slots this rank sends per chunk
+        rows_C = route["rows_SH"].split(sizes_C)
+        outbound = [
+            _start_exchange(rows_C[i], send_CG[i], recv_CG[i], self.ep_group) for i in range(CHUNKS)
+        ]
+        extra = meanwhile() if meanwhile is not None else None
+        inbound = []
+        for i, (x_NH, work) in enumerate(outbound):
+            work.wait()
+            expert_N = self._received_experts(route, i, x_NH.shape[0])
+            out_NH = _run_experts(
+                experts, x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device)
+            )
+            # back along the same exchange, splits swapped; on the wire in the activations' dtype
+            inbound.append(
+                _start_exchange(out_NH.to(x_TH.dtype), recv_CG[i], send_CG[i], self.ep_group)
+            )
+        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        for (y_SH, work), token_S, weight_S in zip(
+            inbound, route["token_S"].split(sizes_C), route["weight_S"].split(sizes_C), strict=True
+        ):
+            work.wait()
+            y_SH = y_SH.float() if WEIGHT_ON_INPUT else y_SH.float() * weight_S.unsqueeze(1)
+            out_TH = out_TH.index_add(0, token_S, y_SH)  # summed in float32
+        return self._scatter_etp(out_TH, token_counts), extra
+
+    def _route(self, x_TH, topk_ids_TK, topk_weights_TK, chunks: int) -> dict:
+        """Flat all-to-all: order the kept slots and exchange the counts of every chunk at once.
+
+        Chunk c holds the slots of tokens [c·T/chunks, (c+1)·T/chunks). Rows go out grouped by chunk,
+        then destination, then the expert's place in the destination's list, so the counts alone
+        tell the receiver which expert each row is for. Dropped slots sort last and are never sent.
+        One small all-to-all and one host sync (the split sizes) for all chunks.
+        Returns rows_SH (in sending order) with token_S and weight_S, send_CG and recv_CG (host rows
+        per chunk and ep rank) and recv_GCJ (rows from each rank per chunk and local expert).
+        """
+        T, K = topk_ids_TK.shape
         tables = self._tables(x_TH.device)
-        # Rows go out grouped by destination, then by the expert's place in the destination's list,
-        # so the counts alone tell the receiver which expert each row is for. Dropped slots sort last
-        # (key EP * width) and are never sent. One host sync: the split sizes.
         ids_S = topk_ids_TK.reshape(-1)
         token_S = torch.arange(T * K, device=x_TH.device) // K
         expert_S = ids_S.clamp(min=0)
         dest_S = tables["holder_EC"][expert_S, token_S % tables["copies_E"][expert_S]]
-        key_S = dest_S * self.width + tables["position_EG"][expert_S, dest_S]
-        key_S = torch.where(ids_S >= 0, key_S, EP * self.width)
+        chunk_S = token_S * chunks // max(T, 1)
+        key_S = (chunk_S * EP + dest_S) * self.width + tables["position_EG"][expert_S, dest_S]
+        dropped = chunks * EP * self.width  # the key after every kept slot's
+        key_S = torch.where(ids_S >= 0, key_S, dropped)
         order_S = torch.argsort(key_S, stable=True)
-        send_GJ = torch.bincount(key_S, minlength=EP * self.width + 1)[:-1]
-        recv_GJ = torch.empty_like(send_GJ)
-        dist.all_to_all_single(recv_GJ, send_GJ, group=self.ep_group)
-        counts = torch.stack([send_GJ.view(EP, -1).sum(1), recv_GJ.view(EP, -1).sum(1)]).tolist()
-        send, recv = counts
-        slot_S = order_S[: sum(send)]
+        send_CGJ = torch.bincount(key_S, minlength=dropped + 1)[:-1].view(chunks, EP, -1)
+        # rank g receives send_GCJ[g]: how many rows this rank sends it per chunk and expert
+        send_GCJ = send_CGJ.transpose(0, 1).contiguous()
+        recv_GCJ = torch.empty_like(send_GCJ)
+        dist.all_to_all_single(recv_GCJ, send_GCJ, group=self.ep_group)
+        send_CG, recv_CG = torch.stack([send_CGJ.sum(2), recv_GCJ.sum(2).T]).tolist()
+        slot_S = order_S[: sum(map(sum, send_CG))]
         token_S = token_S[slot_S]
         weight_S = topk_weights_TK.reshape(-1)[slot_S].float()
         rows_SH = x_TH[token_S]
         if WEIGHT_ON_INPUT:
             rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
-        x_NH = _exchange(rows_SH, send, recv, self.ep_group)
-        expert_N = tables["held_J"].repeat(EP).repeat_interleave(recv_GJ, output_size=x_NH.shape[0])
-        state = {
-            "token_S": token_S,
-            "weight_S": weight_S,
-            "dtype": x_TH.dtype,
-            "T": T,
-            "token_counts": token_counts,
-        }
-        state["hops"] = [(send, recv, self.ep_group, None)]
-        # the routing weights stay here: combine applies them (their gradient stays local)
-        return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
+        route = {"rows_SH": rows_SH, "token_S": token_S, "weight_S": weight_S}
+        return route | {"send_CG": send_CG, "recv_CG": recv_CG, "recv_GCJ": recv_GCJ}
 
-    def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
+    def _received_experts(self, route: dict, chunk: int, rows: int) -> torch.Tensor:
+        """Global expert id of each row received in ``chunk`` (grouped by source, then expert)."""
+        held_GJ = self._tables(route["recv_GCJ"].device)["held_J"].repeat(EP)
+        return held_GJ.repeat_interleave(route["recv_GCJ"][:, chunk].reshape(-1), output_size=rows)
+
+    def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
         T, K = topk_ids_TK.shape
         slot_S = torch.nonzero(topk_ids_TK.reshape(-1) >= 0).squeeze(1)
         expert_S = topk_ids_TK.reshape(-1)[slot_S]
@@ -264,7 +387,7 @@ class Dispatcher:
         rows_SH = x_TH[token_S]
         if WEIGHT_ON_INPUT:
             rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
-        x_NH, expert_N, hops = self._two_hops(rows_SH, expert_S, dest_S)
+        x_NH, expert_N, hops, extra = self._two_hops(rows_SH, expert_S, dest_S, meanwhile)
         state = {
             "token_S": token_S,
             "weight_S": weight_S,
@@ -272,7 +395,7 @@ class Dispatcher:
             "T": T,
             "token_counts": token_counts,
         }
-        state["hops"] = hops
+        state |= {"hops": hops, "meanwhile": extra}
         return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
 
     def _tables(self, device) -> dict:
@@ -303,10 +426,10 @@ class Dispatcher:
         out_TH = out_TH.index_add(0, state["token_S"], y_SH)
         return self._scatter_etp(out_TH, state["token_counts"])
 
-    def _two_hops(self, rows_SH, expert_S, dest_S):
+    def _two_hops(self, rows_SH, expert_S, dest_S, meanwhile):
         """Hierarchical: first within the node to the rank on the destination's rail (its place in its
         node), then along the rail across nodes. Each inter-node message carries a whole node's rows.
-        """
+        ``meanwhile()`` runs while the rows cross the nodes."""
         rail_S = dest_S % self.per_node
         order_1 = torch.argsort(rail_S, stable=True)
         send_1 = torch.bincount(rail_S, minlength=self.per_node)
@@ -319,13 +442,15 @@ class Dispatcher:
         order_2 = torch.argsort(node_R, stable=True)
         send_2 = torch.bincount(node_R, minlength=EP // self.per_node)
         send_2, recv_2 = send_2.tolist(), _counts(send_2, self.rail_group)
-        x_NH = _exchange(rows_RH[order_2], send_2, recv_2, self.rail_group)
+        x_NH, work = _start_exchange(rows_RH[order_2], send_2, recv_2, self.rail_group)
+        extra = meanwhile()
         expert_N = _exchange_ids(expert_R[order_2], send_2, recv_2, self.rail_group)
+        work.wait()
         hops = [
             (send_1, recv_1, self.intra_group, order_1),
             (send_2, recv_2, self.rail_group, order_2),
         ]
-        return x_NH, expert_N, hops
+        return x_NH, expert_N, hops, extra
 
     def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
         """All-gather: every rank sees every token of its ep group and keeps the slots it computes."""

@@ -9,7 +9,6 @@
 ``"torch"`` forces the vectorised PyTorch path.
 """
 
-import functools
 import importlib.util
 import os
 
@@ -37,12 +36,16 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
     return x.is_cuda and importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
+_KERNELS = []  # the kernels module once imported (a plain global: torch.compile traces through it)
+
+
 def kernels():
     """The Triton kernels, imported on first use, with this spec's tuned tile tables registered."""
-    from . import kernels as k
-    from .tuning import CONFIGS
+    if not _KERNELS:
+        from . import kernels as k
+        from .tuning import CONFIGS
 
-    for (hidden, ffn, experts, top_k), table in CONFIGS.items():
-        k.register_configs(hidden, ffn, experts, top_k, table)
-    return k
+        for (hidden, ffn, experts, top_k), table in CONFIGS.items():
+            k.register_configs(hidden, ffn, experts, top_k, table)
+        _KERNELS.append(k)
+    return _KERNELS[0]

@@ -55,6 +55,8 @@ class ExpertGroup(nn.Module):
             len(self.experts), device=device
         )
         self.register_buffer("local_index", local_index, persistent=False)
+        # all of [FIRST, FIRST + COUNT) in order: global id - FIRST is already the weights' row
+        self.holds_all = self.experts == tuple(range(self.FIRST, self.FIRST + self.COUNT))
 
     @property
     def up_name(self) -> str:
@@ -144,20 +146,29 @@ class ExpertGroup(nn.Module):
         b_down = getattr(self, "b_down_EH", None)
         return b_up, b_down if self.shard == 0 else None
 
+    def kernel_output(self, x_TH, topk_ids_TK, topk_weights_TK) -> torch.Tensor:
+        """This group's share of the routed output through the Triton kernels, y_TH [T, H] in x's
+        dtype: one fused permutation, two grouped GEMMs and the combine."""
+        if self.holds_all:  # the kernels skip other groups' ids themselves
+            ids_TK, first = topk_ids_TK, self.FIRST
+        else:  # a subset (expert parallelism): global ids -> rows of the held experts
+            ids_TK, first = local_ids(topk_ids_TK, self.FIRST, self.local_index), 0
+        return backend.kernels().moe_experts(
+            x_TH,
+            ids_TK,
+            topk_weights_TK,
+            getattr(self, self.up_name),
+            self.w_down_EHF,
+            *self.biases(),
+            first_expert_id=first,
+            weight_on_input=WEIGHT_ON_INPUT,
+            **self.KERNEL,
+        )
+
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:
         """out_TH [T, H] (float32) += this group's share of the routed output."""
-        if triton and self.KERNEL is not None:  # one fused permutation + two grouped GEMMs
-            y_TH = backend.kernels().moe_experts(
-                x_TH,
-                local_ids(topk_ids_TK, self.FIRST, self.local_index),
-                topk_weights_TK,
-                getattr(self, self.up_name),
-                self.w_down_EHF,
-                *self.biases(),
-                weight_on_input=WEIGHT_ON_INPUT,
-                **self.KERNEL,
-            )
-            out_TH += y_TH.float()
+        if triton and self.KERNEL is not None:
+            out_TH += self.kernel_output(x_TH, topk_ids_TK, topk_weights_TK).float()
             return
         run_experts(
             self.expert,

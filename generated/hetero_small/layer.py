@@ -56,12 +56,17 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """The routed output y_TH [T, H] = Σ_k w_k · E_k(x)."""
         x_in = x_TH
-        triton = backends.use_triton(self.backend, x_in)
-        out = torch.zeros(x_in.shape, dtype=torch.float32, device=x_in.device)
-        for group in self.groups.values():
-            group(x_in, topk_ids_TK, topk_weights_TK, out, triton)
+        out = self._routed_local(x_in, topk_ids_TK, topk_weights_TK)
         y_TH = out.to(x_TH.dtype)
         return y_TH
+
+    def _routed_local(self, x_TH, topk_ids_TK, topk_weights_TK) -> torch.Tensor:
+        """Every group on this process's slots: the routed sum in float32."""
+        triton = backends.use_triton(self.backend, x_TH)
+        out = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        for group in self.groups.values():
+            group(x_TH, topk_ids_TK, topk_weights_TK, out, triton)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> y [..., H]. A 3-D input [B, S, H] is B sequences (for capacity and losses)."""

@@ -65,19 +65,35 @@ class MoELayer(nn.Module):
         return self.router(x_TH, num_seqs, backends.use_triton(self.backend, x_TH))
 
     def experts(
-        self, x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-    ) -> torch.Tensor:
-        """The routed output y_TH [T, H] = Σ_k w_k · E_k(x)."""
+        self,
+        x_TH: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        meanwhile=None,
+    ):
+        """The routed output y_TH [T, H] = Σ_k w_k · E_k(x).
+
+        With ``meanwhile`` (a function of no arguments: the shared expert) the result is
+        ``(y_TH, meanwhile())``; sharded, ``meanwhile`` runs while the routed rows are on the wire.
+        """
         x_in = x_TH
         if self.dispatcher is not None:
-            out = self._routed_distributed(x_in, topk_ids_TK, topk_weights_TK)
+            out, extra = self._routed_distributed(x_in, topk_ids_TK, topk_weights_TK, meanwhile)
         else:
-            triton = backends.use_triton(self.backend, x_in)
-            out = torch.zeros(x_in.shape, dtype=torch.float32, device=x_in.device)
-            for group in self.groups.values():
-                group(x_in, topk_ids_TK, topk_weights_TK, out, triton)
+            out = self._routed_local(x_in, topk_ids_TK, topk_weights_TK)
+            extra = meanwhile() if meanwhile is not None else None
         y_TH = out.to(x_TH.dtype)
-        return y_TH
+        return y_TH if meanwhile is None else (y_TH, extra)
+
+    def _routed_local(self, x_TH, topk_ids_TK, topk_weights_TK) -> torch.Tensor:
+        """Every group on this process's slots: the routed sum in float32, or in x's dtype when the kernels compute it."""
+        triton = backends.use_triton(self.backend, x_TH)
+        if triton:  # one group: the kernels' output is already the routed sum
+            return self.groups["routed"].kernel_output(x_TH, topk_ids_TK, topk_weights_TK)
+        out = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        for group in self.groups.values():
+            group(x_TH, topk_ids_TK, topk_weights_TK, out, triton)
+        return out
 
     @torch.no_grad()
     def reduce_replica_grads(self) -> None:
@@ -103,19 +119,24 @@ class MoELayer(nn.Module):
                     if e in group.experts and p.grad is not None:
                         p.grad[group.experts.index(e)] = buf[i]
 
-    def _routed_distributed(self, x_TH, topk_ids_TK, topk_weights_TK) -> torch.Tensor:
-        """Send each slot to a rank holding its expert, run the local experts, send the results back.
+    def _routed_distributed(self, x_TH, topk_ids_TK, topk_weights_TK, meanwhile=None):
+        """Send each slot to a rank holding its expert, run the local experts, send the results back,
+        on the comm plan's schedule (``comm.Dispatcher.run``: the flat all-to-all in comm.CHUNKS
+        chunks); ``meanwhile()`` runs while routed rows are on the wire.
 
-        Returns the float32 routed sum for this rank's T tokens.
+        Returns (the float32 routed sum for this rank's T tokens, what ``meanwhile()`` returned).
         """
-        x_NH, expert_N, weight_N, state = self.dispatcher.dispatch(
-            x_TH, topk_ids_TK, topk_weights_TK
+        return self.dispatcher.run(
+            x_TH, topk_ids_TK, topk_weights_TK, self._local_experts, meanwhile
         )
+
+    def _local_experts(self, x_NH, expert_N, weight_N) -> torch.Tensor:
+        """This rank's experts on the rows it received: weighted outputs out_NH float32 [N, H]."""
         triton = backends.use_triton(self.backend, x_NH)
         out_NH = torch.zeros(x_NH.shape, dtype=torch.float32, device=x_NH.device)
         for group in self.groups.values():
             group(x_NH, expert_N.unsqueeze(1), weight_N.unsqueeze(1), out_NH, triton)
-        return self.dispatcher.combine(out_NH, state, x_TH.shape[0])
+        return out_NH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> y [..., H]. A 3-D input [B, S, H] is B sequences (for capacity and losses)."""

@@ -7,6 +7,7 @@
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +43,7 @@ class MoeConfig:
         return max(self.up.block_m, self.down.block_m)
 
 
+@functools.lru_cache(maxsize=4096)
 def default_config(
     M_tokens: int, H: int, F: int, E: int, K: int, dtype=torch.bfloat16
 ) -> MoeConfig:

@@ -133,7 +133,7 @@ def _up_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ptr + offs_m)
     row_ok = slot < N
-    tok = (slot // TOPK).to(tl.int64)
+    tok = tl.where(row_ok, slot // TOPK, 0).to(tl.int64)  # padding rows read token 0, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wn = offs_n % F  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
@@ -143,13 +143,21 @@ def _up_kernel(
     g_ptrs = w_e + offs_wn[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of W.T
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    EVEN_K: tl.constexpr = H % BLOCK_K == 0  # no masks in the main loop (the usual case)
     for k in range(0, tl.cdiv(H, BLOCK_K)):
-        k_ok = offs_k < H - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+        else:
+            k_ok = offs_k < H - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
         acc_g = tl.dot(a, bg, acc_g)
         if GLU:
-            bu = tl.load(g_ptrs + F * H, mask=k_ok[:, None], other=0.0)
+            if EVEN_K:
+                bu = tl.load(g_ptrs + F * H)
+            else:
+                bu = tl.load(g_ptrs + F * H, mask=k_ok[:, None], other=0.0)
             acc_u = tl.dot(a, bu, acc_u)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
@@ -202,10 +210,15 @@ def _down_kernel(
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * F + offs_k[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * (H * F) + offs_wn[None, :] * F + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    EVEN_K: tl.constexpr = F % BLOCK_K == 0
     for k in range(0, tl.cdiv(F, BLOCK_K)):
-        k_ok = offs_k < F - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < F - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -26,4 +26,3 @@ __all__ = [
     "pick_config",
     "register_configs",
 ]
-

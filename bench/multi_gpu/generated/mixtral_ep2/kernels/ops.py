@@ -52,6 +52,15 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda or _INTERPRETED
 
 
+def _op_needed(*tensors: Tensor | None) -> bool:
+    """Whether a call must go through its custom op: under ``torch.compile`` / export, or when
+    autograd must record it. Otherwise the public functions call the implementation directly: the
+    op's dispatch costs 10-60 µs of host time a call, as much as the kernels at small T."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # --------------------------------------------------------------------------------------------------
 # Routing
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +146,10 @@ def moe_routing(
 
     Every argument is documented on ``routing.moe_routing``.
     """
-    return _routing_op(
+    op = _routing_op
+    if not _op_needed(logits_TE, selection_bias_E):
+        op = routing.moe_routing if _use_triton(logits_TE) else reference.moe_routing
+    return op(
         logits_TE, top_k, selection_bias_E, score, topk_on, n_group, topk_group, group_score,
         group_masked_value, weights_from_masked, norm, norm_eps, norm_clamp_min, norm_p, scale,
     )  # fmt: skip
@@ -331,9 +343,11 @@ def moe_experts(
     Returns:
         y_TH [T, H] in x's dtype.
     """
-    return _experts_op(
+    op = _experts_op
+    if not _op_needed(x_TH, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH):
+        op = moe_experts_triton if _use_triton(x_TH) else reference.moe_experts
+    return op(
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input,
     )  # fmt: skip
-

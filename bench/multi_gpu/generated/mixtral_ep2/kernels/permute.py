@@ -158,4 +158,3 @@ def align_by_expert(
         CHUNK_ROWS=min(triton.next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), num_warps=4,
     )  # fmt: skip
     return Alignment(sorted_ids, eob, offsets, counts)
-

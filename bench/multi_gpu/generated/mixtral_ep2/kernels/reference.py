@@ -311,4 +311,3 @@ def moe_experts(
             o = o * rw
         y_TH = y_TH.index_add(0, tok, o)
     return y_TH.to(x_TH.dtype)
-

@@ -210,4 +210,3 @@ def moe_routing(
         NORM=norm, num_warps=4,
     )  # fmt: skip
     return ids, weights
-
