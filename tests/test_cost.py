@@ -139,6 +139,59 @@ def test_dispatch_traffic_counts_each_token_once_per_rank():
     assert np.all(unique8.sum(1) < send8.sum(1))  # de-duplication per node pays off
 
 
+def hierarchical_rows(dest_GTK: np.ndarray, gpn: int) -> np.ndarray:
+    """Rows each rank sends and receives per hop of the generated hierarchical dispatch (comm.py,
+    ``Dispatcher._dispatch_hierarchical``) -> rows[hop, sent | received, rank]. dest_GTK: the rank
+    of each slot. Hop 1: one row per (token, rank) to the ranks of its own node, one per (token,
+    other node) to the rail token % gpn; hop 2: rail to rail across nodes; hop 3: one row per
+    (token, rank) from the rail to that node's ranks. Self-sends cost nothing."""
+    rows = np.zeros((3, 2, dest_GTK.shape[0]))
+
+    def send(hop, src, dst):
+        if src != dst:
+            rows[hop, 0, src] += 1
+            rows[hop, 1, dst] += 1
+
+    for s, dest_TK in enumerate(dest_GTK):
+        for t, dest_K in enumerate(dest_TK):
+            ranks = set(dest_K.tolist())
+            for d in ranks:
+                if d // gpn == s // gpn:
+                    send(0, s, d)
+            for node in {d // gpn for d in ranks} - {s // gpn}:
+                rail, far = s // gpn * gpn + t % gpn, node * gpn + t % gpn
+                send(0, s, rail)
+                send(1, rail, far)
+                for d in ranks:
+                    if d // gpn == node:
+                        send(2, far, d)
+    return rows
+
+
+def test_hierarchical_model_counts_the_rows_the_runtime_sends():
+    """The expected bytes of hierarchical dispatch are the rows the generated runtime sends: across
+    nodes one per (token, node), not one per slot, spread over the rails; within nodes one per
+    (token, rank). Top-4 picks over 2 nodes x 4 ranks, drawn independently as the model assumes."""
+    rng = np.random.default_rng(0)
+    nodes, gpn, experts, top_k, tokens = 2, 4, 16, 4, 1000
+    node_G = np.repeat(np.arange(nodes), gpn)
+    holder_E = np.arange(experts) * len(node_G) // experts
+    share_EG = np.zeros((experts, len(node_G)))
+    share_EG[np.arange(experts), holder_E] = 1.0
+    probs_E = rng.dirichlet(np.full(experts, 4.0))
+    dest_GTK = holder_E[rng.choice(experts, size=(len(node_G), tokens, top_k), p=probs_E)]
+    rows = hierarchical_rows(dest_GTK, gpn)
+    send, unique = dispatch_traffic(share_EG, probs_E, np.full(len(node_G), tokens), 4, 1.0, node_G)
+    one, free = Link(0.0, 1e-3), Link(0.0, 1e12)  # 1 row (1 byte) per µs; free
+    inter_us = hierarchical_all_to_all_us(send, node_G, free, one, unique)
+    assert inter_us == pytest.approx(rows[1].max(), rel=0.03)
+    # one row per slot would load each rail with a node's remote slots / gpn: twice as many here
+    slots_G = (node_G[dest_GTK] != node_G[:, None, None]).sum((1, 2))
+    assert np.bincount(node_G, weights=slots_G).max() / gpn > 1.5 * inter_us
+    intra_us = hierarchical_all_to_all_us(send, node_G, one, free, unique)
+    assert intra_us == pytest.approx(rows[0].max() + rows[2].max(), rel=0.03)
+
+
 def test_all_gather_single_and_multi_node():
     link = Link(alpha_us=5.0, gb_per_s=100.0)
     one = all_gather_us(np.full(4, 1e6), np.zeros(4, dtype=int), link, link)

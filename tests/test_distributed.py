@@ -1,7 +1,8 @@
 """The generated layer sharded over 4 gloo processes equals the single-process layer, forward and
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
 expert tensor parallelism, skewed routing with experts that receive no tokens, the flat all-to-all
-pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch."""
+pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch.
+Hierarchical dispatch (2 nodes x 2 ranks) sends one row across nodes per (token, node) pair."""
 
 from __future__ import annotations
 
@@ -67,7 +68,18 @@ CONFIGS = {
         "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
         "comm: {dispatch: all_to_all, chunks: 2}\n"
     ),
+    # top-3 of 7 experts on 2 nodes: a token has 2 or 3 slots on one node, often a remote one
+    "top3_replicas_hierarchical": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "placement: {strategy: replicate, redundant: 2}\ncomm: {dispatch: hierarchical}\n"
+    ),
+    # one ep rank per node: the rail is the whole ep group, the node groups have one rank
+    "expert_tp2_hierarchical": (
+        "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "comm: {dispatch: hierarchical}\n"
+    ),
 }
+TOP_K = {"top3_replicas_hierarchical": 3}
 CHUNKS = {"chunks2_replicas": 2, "chunks3_weight_on_input": 3, "chunks2_expert_tp2": 2}
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
@@ -97,14 +109,22 @@ def _check(pkg, rank: int, name: str) -> None:
     for label, layer in (("full", full), ("sharded", sharded)):
         xr = x.clone().requires_grad_()
         if label == "sharded":
-            with _schedule_log(layer) as log:
+            with _schedule_log(layer) as log, _dispatch_log(layer.dispatcher) as dispatched:
                 y = layer(xr)
         else:
             y = layer(xr)
         (y * g).sum().backward()
         outs[label] = (y.detach(), xr.grad)
     sharded.reduce_replica_grads()
+    if pkg.comm.DISPATCH == "hierarchical":
+        crossing = _inter_node_rows(sharded.dispatcher, dispatched)
+        dist.all_reduce(crossing)  # a rank forwards its node's rows: only the sums must agree
     _check_schedule(pkg, log, name)  # after the collectives, so a failure cannot stall the others
+    if pkg.comm.DISPATCH == "hierarchical":
+        rows, pairs, slots = crossing.tolist()
+        assert rows == pairs, (name, "rows across nodes", rows, "(token, node) pairs", pairs)
+        if TOP_K.get(name, 2) >= 3:
+            assert pairs < slots, (name, "no token has 2 slots on a remote node")
     torch.testing.assert_close(
         outs["sharded"][0], outs["full"][0], atol=1e-5, rtol=1e-5, msg=f"{name} y"
     )
@@ -151,6 +171,36 @@ def _schedule_log(layer):
         del layer._shared_expert
 
 
+@contextlib.contextmanager
+def _dispatch_log(dispatcher):
+    """Log (topk_ids_TK, state) of the hierarchical dispatches made inside."""
+    log, real = [], dispatcher._dispatch_hierarchical
+
+    def dispatch(x_TH, topk_ids_TK, *args):
+        x_NH, expert_N, weight_N, state = real(x_TH, topk_ids_TK, *args)
+        log.append((topk_ids_TK, state))
+        return x_NH, expert_N, weight_N, state
+
+    dispatcher._dispatch_hierarchical = dispatch
+    try:
+        yield log
+    finally:
+        del dispatcher._dispatch_hierarchical
+
+
+def _inter_node_rows(dispatcher, dispatched) -> torch.Tensor:
+    """[rows this rank sends across nodes, its (token, other node) pairs, its slots on other nodes].
+    Summed over the ranks, the rows must be the pairs: a token crosses to a node once."""
+    ((ids_TK, state),) = dispatched
+    rail = state["hops"][1]  # along the rail: the rail group's members are in node order
+    rows = sum(rail.send) - rail.send[dist.get_rank(rail.group)]
+    token_TK = torch.arange(ids_TK.shape[0]).unsqueeze(1).expand_as(ids_TK)
+    node_TK = dispatcher._holder(ids_TK.clamp(min=0), token_TK) // dispatcher.per_node
+    remote_TK = (ids_TK >= 0) & (node_TK != dispatcher.node)
+    pairs = torch.unique(token_TK[remote_TK] * dispatcher.nodes + node_TK[remote_TK]).numel()
+    return torch.tensor([rows, pairs, int(remote_TK.sum())])
+
+
 def _check_schedule(pkg, log: list[str], name: str) -> None:
     """Flat all-to-all: one counts exchange that waits, then every chunk's rows on the wire while
     the shared expert runs, then each chunk's outputs sent back asynchronously.
@@ -187,7 +237,8 @@ def _worker(rank: int, world: int, port: int, packages: dict, errors) -> None:
 def test_sharded_layer_matches_single_process(tmp_path):
     packages = {}
     for name, extra in CONFIGS.items():
-        spec = load_spec_text(f"name: {name}\n{BASE}{extra}")[0]
+        base = BASE.replace("top_k: 2", f"top_k: {TOP_K.get(name, 2)}")
+        spec = load_spec_text(f"name: {name}\n{base}{extra}")[0]
         packages[name] = str(write_files(generate(spec), tmp_path / name))
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()

@@ -253,6 +253,9 @@ def hierarchical_all_to_all_us(send_GG, node_G, intra: Link, inter: Link, unique
        G-gpn; 3. intra: the receiving rail forwards each token to its target ranks.
     unique_GN[s, n]: bytes s sends to node n when tokens are de-duplicated per node (default:
     no de-duplication, the row sums of send_GG). Equals the flat time on one node.
+    The generated runtime (comm.py, ``Dispatcher._dispatch_hierarchical``) sends these rows: one
+    per (token, node) across nodes, on rail token % gpn, and one per (token, rank) within a node
+    (send_GG counts tokens once per rank); its K ids and weights per row are not counted.
     """
     send_GG = np.asarray(send_GG, dtype=np.float64)
     node_G = np.asarray(node_G)
