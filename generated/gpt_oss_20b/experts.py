@@ -55,6 +55,7 @@ class ExpertGroup(nn.Module):
         self.register_buffer("local_index", local_index, persistent=False)
         # all of [FIRST, FIRST + COUNT) in order: global id - FIRST is already the weights' row
         self.holds_all = self.experts == tuple(range(self.FIRST, self.FIRST + self.COUNT))
+        self._rows: dict[str, tuple[torch.Tensor, ...]] | None = None  # see rows()
 
     @property
     def up_name(self) -> str:
@@ -123,7 +124,16 @@ class ExpertGroup(nn.Module):
 
     def weight(self, name: str, e: int) -> torch.Tensor:
         """Local expert e's weight ``name`` in the compute dtype."""
-        return getattr(self, name)[e]
+        return self.rows(name)[e]
+
+    def rows(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Tensor ``name`` split into its experts' slices, once per forward. (Indexing ``w[e]`` per
+        expert would make autograd write a zero-filled copy of the whole tensor per expert.)"""
+        if self._rows is None:  # outside forward: nothing to share
+            return getattr(self, name).unbind(0)
+        if name not in self._rows:
+            self._rows[name] = getattr(self, name).unbind(0)
+        return self._rows[name]
 
     def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(up bias [n, 2f or f], down bias [n, H]) or Nones. Only shard 0 adds the down bias: the
@@ -156,16 +166,20 @@ class ExpertGroup(nn.Module):
         if triton and self.KERNEL is not None:
             out_TH += self.kernel_output(x_TH, topk_ids_TK, topk_weights_TK).float()
             return
-        run_experts(
-            self.expert,
-            x_TH,
-            topk_ids_TK,
-            topk_weights_TK,
-            self.FIRST,
-            self.local_index,
-            out_TH,
-            WEIGHT_ON_INPUT,
-        )
+        self._rows = {}  # see rows(): filled during this call, dropped after it
+        try:
+            run_experts(
+                self.expert,
+                x_TH,
+                topk_ids_TK,
+                topk_weights_TK,
+                self.FIRST,
+                self.local_index,
+                out_TH,
+                WEIGHT_ON_INPUT,
+            )
+        finally:
+            self._rows = None
 
 
 class RoutedExperts(ExpertGroup):
@@ -189,11 +203,13 @@ class RoutedExperts(ExpertGroup):
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
         """Local expert e on its rows: x_NH [N, H] -> y_NH [N, H]."""
-        gate_up_N2F = F.linear(x_NH, self.weight("w_gate_up_E2FH", e), self.b_gate_up_E2F[e])
+        gate_up_N2F = F.linear(
+            x_NH, self.weight("w_gate_up_E2FH", e), self.rows("b_gate_up_E2F")[e]
+        )
         gate_NF, up_NF = gate_up_N2F.chunk(2, dim=-1)
         limit, alpha = 7.0, 1.702
         gate_NF = gate_NF.clamp(max=limit)
         up_NF = up_NF.clamp(-limit, limit)
         h_NF = (up_NF + 1) * gate_NF * torch.sigmoid(alpha * gate_NF)
-        b_down = self.biases()[1]
-        return F.linear(h_NF, self.weight("w_down_EHF", e), None if b_down is None else b_down[e])
+        b_down = self.rows("b_down_EH")[e] if self.biases()[1] is not None else None
+        return F.linear(h_NF, self.weight("w_down_EHF", e), b_down)

@@ -6,12 +6,15 @@
 
 Plan entries: mesh, placement, comm. Ranks of the expert layout are ordered (pp, edp, ep, expert_tp),
 expert_tp innermost: an ep group is EP ranks in a row.
-Shapes: T tokens of this rank, K slots per token, S kept slots, N rows received, H hidden, G ep ranks.
+Shapes: T tokens of this rank, K slots per token, S kept slots, N rows received, H hidden, G ep ranks;
+hierarchical dispatch: U units sent (a row with the slots it carries), R rows received by a hop.
 
 Dispatch (all_to_all): every kept slot (id >= 0) goes, with its token's row and routing weight, to
 an ep rank holding its expert (a replicated expert's slots alternate between its copies by token
-index); combine sends the expert outputs back and sums them per token. The exchanges of activations
-are autograd functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔
+index); combine sends the expert outputs back and sums them per token. The hierarchical all-to-all
+moves a token across the nodes once per destination node, whatever its slots there, and its outputs
+come back summed per node (``Dispatcher._dispatch_hierarchical``). The exchanges of activations are
+autograd functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔
 all-reduce), so gradients flow through them.
 
 ``Dispatcher.run`` is the layer's schedule: it overlaps the shared expert with the dispatch and, with
@@ -20,6 +23,7 @@ the flat all-to-all, pipelines the tokens in CHUNKS chunks through dispatch → 
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -89,35 +93,41 @@ def _all_groups() -> dict[str, list[tuple[int, ...]]]:
     return {kind: sorted(set(members)) for kind, members in groups.items()}
 
 
+def _all_to_all(
+    t: torch.Tensor, send_counts: list[int], recv_counts: list[int], group, works=None
+) -> torch.Tensor:
+    """all_to_all_single of ``t``'s rows (any trailing shape); with a list ``works``, only started."""
+    out = t.new_empty((sum(recv_counts),) + tuple(t.shape[1:]))
+    work = dist.all_to_all_single(
+        out, t.contiguous(), recv_counts, send_counts, group=group, async_op=works is not None
+    )
+    if works is not None:
+        works.append(work)
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """Rows to ranks with uneven splits; the backward sends the gradients back the same way.
 
-    With a list ``works``, the forward only starts the exchange and appends its work handle: the
-    output may be read after ``work.wait()``. The backward always waits.
+    With a list ``works``, the forward only starts the exchange and appends its work handles: the
+    outputs may be read after every ``work.wait()``. The backward always waits. ``more``: a second
+    tensor with the same splits (the routing weights of the rows) exchanged in the same autograd
+    node, so every rank runs both backward exchanges, in one order, even where one is unused.
     """
 
     @staticmethod
-    def forward(ctx, rows, send_counts, recv_counts, group, works=None):
+    def forward(ctx, rows, send_counts, recv_counts, group, works=None, more=None):
         ctx.args = (send_counts, recv_counts, group)
-        out = rows.new_empty((sum(recv_counts),) + tuple(rows.shape[1:]))
-        work = dist.all_to_all_single(
-            out,
-            rows.contiguous(),
-            recv_counts,
-            send_counts,
-            group=group,
-            async_op=works is not None,
-        )
-        if works is not None:
-            works.append(work)
-        return out
+        out = _all_to_all(rows, send_counts, recv_counts, group, works)
+        if more is None:
+            return out
+        return out, _all_to_all(more, send_counts, recv_counts, group, works)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grads):  # an unused output's gradient arrives as zeros
         send_counts, recv_counts, group = ctx.args
-        grad = grad_out.new_empty((sum(send_counts),) + tuple(grad_out.shape[1:]))
-        dist.all_to_all_single(grad, grad_out.contiguous(), send_counts, recv_counts, group=group)
-        return grad, None, None, None, None
+        back = [_all_to_all(grad, recv_counts, send_counts, group) for grad in grads]
+        return back[0], None, None, None, None, back[1] if len(back) == 2 else None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -189,10 +199,8 @@ def _run_experts(experts, x_NH, expert_N, weight_N) -> torch.Tensor:
 def _exchange_ids(
     ids: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
 ) -> torch.Tensor:
-    """All-to-all of integer ids (no gradient)."""
-    out = ids.new_empty(sum(recv_counts))
-    dist.all_to_all_single(out, ids.contiguous(), recv_counts, send_counts, group=group)
-    return out
+    """All-to-all of integer ids, any trailing shape (no gradient)."""
+    return _all_to_all(ids, send_counts, recv_counts, group)
 
 
 def _counts(send_G: torch.Tensor, group) -> list[int]:
@@ -200,6 +208,31 @@ def _counts(send_G: torch.Tensor, group) -> list[int]:
     recv_G = torch.empty_like(send_G)
     dist.all_to_all_single(recv_G, send_G, group=group)
     return recv_G.tolist()
+
+
+class Hop(NamedTuple):
+    """One exchange of a dispatch, kept for its combine: ``send[g]`` rows went to member g of
+    ``group``, ``recv[g]`` came from it; sent row i was row ``parent_U[i]`` of the ``parents`` rows
+    before the hop, where combine sums what comes back for it."""
+
+    send: list[int]
+    recv: list[int]
+    group: object
+    parent_U: torch.Tensor
+    parents: int
+
+
+def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor):
+    """Group each row's kept slots (code >= 0) by where they go next: one unit per (row, dest),
+    sorted by dest, then row -> (row_U, dest_U, code_UK, weight_UK). A unit carries its row once
+    with the codes and routing weights of its own slots, K wide (-1 and 0 in the other places)."""
+    R, K = code_RK.shape
+    row_S, k_S = torch.nonzero(code_RK >= 0, as_tuple=True)
+    key_U, unit_S = torch.unique(dest_RK[row_S, k_S] * R + row_S, return_inverse=True)  # sorted
+    units = key_U.shape[0]
+    code_UK = code_RK.new_full((units, K), -1).index_put((unit_S, k_S), code_RK[row_S, k_S])
+    weight_UK = weight_RK.new_zeros((units, K)).index_put((unit_S, k_S), weight_RK[row_S, k_S])
+    return key_U % max(R, 1), key_U // max(R, 1), code_UK, weight_UK
 
 
 class Dispatcher:
@@ -235,7 +268,10 @@ class Dispatcher:
         self._device_tables = {}
         if DISPATCH == "hierarchical":
             node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
-            self.per_node = node_G.count(node_G[0])
+            self.per_node = node_G.count(
+                node_G[0]
+            )  # ep ranks per node; ep rank g is on node g // per_node
+            self.node, self.nodes = ep_rank(rank) // self.per_node, EP // self.per_node
             self.intra_group = _group(next(g for g in _all_groups()["intra"] if rank in g))
             self.rail_group = _group(next(g for g in _all_groups()["rail"] if rank in g))
 
@@ -273,7 +309,7 @@ class Dispatcher:
         x_NH, work = _start_exchange(route["rows_SH"], send, recv, self.ep_group)
         state = {"token_S": route["token_S"], "weight_S": route["weight_S"], "dtype": x_TH.dtype}
         state |= {"T": x_TH.shape[0], "token_counts": token_counts, "meanwhile": meanwhile()}
-        state["hops"] = [(send, recv, self.ep_group, None)]
+        state["hops"] = [Hop(send, recv, self.ep_group, route["token_S"], x_TH.shape[0])]
         work.wait()
         expert_N = self._received_experts(route, 0, x_NH.shape[0])
         # the routing weights stay here: combine applies them (their gradient stays local)
@@ -377,26 +413,64 @@ class Dispatcher:
         return held_GJ.repeat_interleave(route["recv_GCJ"][:, chunk].reshape(-1), output_size=rows)
 
     def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
+        """Hierarchical all-to-all: a token crosses to a node once, however many of its slots are there.
+
+        The rows travel as units: a row with the codes (ep rank · NUM_EXPERTS + expert; -1: not this
+        unit's) and routing weights of the slots it carries, K wide. Three hops:
+          1. in this node: a token's unit for another node goes to the rank on rail token % per_node
+             (tokens alternate rails, so a node's traffic spreads over all its NICs); its slots on
+             this node go straight to their ranks, one unit per (token, rank);
+          2. along the rail across nodes, one row per (token, node); ``meanwhile()`` runs meanwhile;
+          3. in the destination node, one unit per (token, rank) to the ranks computing its slots.
+        The experts get one row per slot with its weight, so combine sums a token's outputs per rank
+        and per node before they go back: they cross the nodes as one row per (token, node) too.
+        """
         T, K = topk_ids_TK.shape
-        slot_S = torch.nonzero(topk_ids_TK.reshape(-1) >= 0).squeeze(1)
-        expert_S = topk_ids_TK.reshape(-1)[slot_S]
-        tables = self._tables(x_TH.device)
-        dest_S = tables["holder_EC"][expert_S, (slot_S // K) % tables["copies_E"][expert_S]]
-        token_S = slot_S // K
-        weight_S = topk_weights_TK.reshape(-1)[slot_S].float()
-        rows_SH = x_TH[token_S]
-        if WEIGHT_ON_INPUT:
-            rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
-        x_NH, expert_N, hops, extra = self._two_hops(rows_SH, expert_S, dest_S, meanwhile)
-        state = {
-            "token_S": token_S,
-            "weight_S": weight_S,
-            "dtype": x_TH.dtype,
-            "T": T,
-            "token_counts": token_counts,
-        }
-        state |= {"hops": hops, "meanwhile": extra}
-        return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
+        expert_TK = topk_ids_TK.clamp(min=0)
+        token_TK = torch.arange(T, device=x_TH.device).unsqueeze(1).expand(T, K)
+        dest_TK = self._holder(expert_TK, token_TK)
+        code_TK = torch.where(topk_ids_TK >= 0, dest_TK * NUM_EXPERTS + expert_TK, -1)
+        node_TK, local_TK = dest_TK // self.per_node, dest_TK % self.per_node
+        rail_TK = torch.where(node_TK == self.node, local_TK, token_TK % self.per_node)
+        token_U, via_U, code_UK, weight_UK = _units(
+            rail_TK * self.nodes + node_TK, code_TK, topk_weights_TK.float()
+        )
+        (rows_RH, code_RK, weight_RK), hop_1, _ = self._hop(
+            x_TH, token_U, code_UK, weight_UK, via_U // self.nodes, self.intra_group
+        )
+        node_R = code_RK.amax(1) // (NUM_EXPERTS * self.per_node)  # every code of a unit: one node
+        parent_R = torch.arange(rows_RH.shape[0], device=x_TH.device)
+        (rows_RH, code_RK, weight_RK), hop_2, extra = self._hop(
+            rows_RH, parent_R, code_RK, weight_RK, node_R, self.rail_group, meanwhile
+        )
+        row_U, local_U, code_UK, weight_UK = _units(
+            (code_RK // NUM_EXPERTS) % self.per_node, code_RK, weight_RK
+        )
+        (rows_RH, code_RK, weight_RK), hop_3, _ = self._hop(
+            rows_RH, row_U, code_UK, weight_UK, local_U, self.intra_group
+        )
+        unit_N, k_N = torch.nonzero(code_RK >= 0, as_tuple=True)  # one row per slot for the experts
+        state = {"hops": [hop_1, hop_2, hop_3], "unit_N": unit_N, "units": rows_RH.shape[0]}
+        state |= {"dtype": x_TH.dtype, "token_counts": token_counts, "meanwhile": extra}
+        return rows_RH[unit_N], code_RK[unit_N, k_N] % NUM_EXPERTS, weight_RK[unit_N, k_N], state
+
+    def _hop(self, rows_RH, parent_U, code_UK, weight_UK, dest_U, group, meanwhile=None):
+        """Send units to the members ``dest_U`` of ``group``: unit i is row ``parent_U[i]`` of rows_RH
+        with codes code_UK[i] and weights weight_UK[i] -> ((rows, codes, weights) received, the Hop,
+        what ``meanwhile()`` returned: it runs while the rows and weights are on the wire)."""
+        order_U = torch.argsort(dest_U, stable=True)
+        send_G = torch.bincount(dest_U, minlength=dist.get_world_size(group))
+        send, recv = send_G.tolist(), _counts(send_G, group)
+        parent_U = parent_U[order_U]
+        works = [] if meanwhile is not None else None
+        rows, weights = _AllToAll.apply(
+            rows_RH[parent_U], send, recv, group, works, weight_UK[order_U]
+        )
+        extra = meanwhile() if meanwhile is not None else None
+        codes = _exchange_ids(code_UK[order_U], send, recv, group)
+        for work in works or ():
+            work.wait()
+        return (rows, codes, weights), Hop(send, recv, group, parent_U, rows_RH.shape[0]), extra
 
     def _tables(self, device) -> dict:
         """The routing tables on ``device``, copied once."""
@@ -416,41 +490,25 @@ class Dispatcher:
         """Send the weighted expert outputs back and sum them per token -> y_TH float32 [T, H]."""
         if DISPATCH == "all_gather":
             return self._combine_all_gather(y_NH, state)
-        y_NH = y_NH.to(state["dtype"])  # on the wire in the activations' dtype, summed in float32
-        for send, recv, group, order in reversed(state["hops"]):
-            y_NH = _exchange(y_NH, recv, send, group)  # back along the same hop: splits swap
-            if order is not None:  # undo the hop's sort
-                y_NH = y_NH[torch.argsort(order)]
-        y_SH = y_NH.float() if WEIGHT_ON_INPUT else y_NH.float() * state["weight_S"].unsqueeze(1)
-        out_TH = y_SH.new_zeros((state["T"], y_SH.shape[1]))
-        out_TH = out_TH.index_add(0, state["token_S"], y_SH)
+        if DISPATCH == "hierarchical":
+            return self._combine_hierarchical(y_NH, state)
+        hop = state["hops"][0]
+        # on the wire in the activations' dtype, back along the same exchange (splits swap)
+        y_SH = _exchange(y_NH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
+        y_SH = y_SH if WEIGHT_ON_INPUT else y_SH * state["weight_S"].unsqueeze(1)
+        out_TH = y_SH.new_zeros((state["T"], y_SH.shape[1])).index_add(0, state["token_S"], y_SH)
         return self._scatter_etp(out_TH, state["token_counts"])
 
-    def _two_hops(self, rows_SH, expert_S, dest_S, meanwhile):
-        """Hierarchical: first within the node to the rank on the destination's rail (its place in its
-        node), then along the rail across nodes. Each inter-node message carries a whole node's rows.
-        ``meanwhile()`` runs while the rows cross the nodes."""
-        rail_S = dest_S % self.per_node
-        order_1 = torch.argsort(rail_S, stable=True)
-        send_1 = torch.bincount(rail_S, minlength=self.per_node)
-        send_1, recv_1 = send_1.tolist(), _counts(send_1, self.intra_group)
-        rows_RH = _exchange(rows_SH[order_1], send_1, recv_1, self.intra_group)
-        expert_R, node_R = (
-            _exchange_ids(t[order_1], send_1, recv_1, self.intra_group)
-            for t in (expert_S, dest_S // self.per_node)
-        )
-        order_2 = torch.argsort(node_R, stable=True)
-        send_2 = torch.bincount(node_R, minlength=EP // self.per_node)
-        send_2, recv_2 = send_2.tolist(), _counts(send_2, self.rail_group)
-        x_NH, work = _start_exchange(rows_RH[order_2], send_2, recv_2, self.rail_group)
-        extra = meanwhile()
-        expert_N = _exchange_ids(expert_R[order_2], send_2, recv_2, self.rail_group)
-        work.wait()
-        hops = [
-            (send_1, recv_1, self.intra_group, order_1),
-            (send_2, recv_2, self.rail_group, order_2),
-        ]
-        return x_NH, expert_N, hops, extra
+    def _combine_hierarchical(self, y_NH, state):
+        """Sum the weighted outputs per unit, then go back hop by hop, summing (in float32) what
+        returns into the rows it was sent from: a token's outputs of one node cross back as one row.
+        On the wire in the activations' dtype, so a partial sum is rounded at most once per hop."""
+        y_RH = y_NH.new_zeros((state["units"], y_NH.shape[1]), dtype=torch.float32)
+        y_RH = y_RH.index_add(0, state["unit_N"], y_NH.float())
+        for hop in reversed(state["hops"]):
+            y_UH = _exchange(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
+            y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
+        return self._scatter_etp(y_RH, state["token_counts"])
 
     def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
         """All-gather: every rank sees every token of its ep group and keeps the slots it computes."""

@@ -55,6 +55,7 @@ class ExpertGroup(nn.Module):
         self.register_buffer("local_index", local_index, persistent=False)
         # all of [FIRST, FIRST + COUNT) in order: global id - FIRST is already the weights' row
         self.holds_all = self.experts == tuple(range(self.FIRST, self.FIRST + self.COUNT))
+        self._rows: dict[str, tuple[torch.Tensor, ...]] | None = None  # see rows()
 
     @property
     def up_name(self) -> str:
@@ -123,7 +124,16 @@ class ExpertGroup(nn.Module):
 
     def weight(self, name: str, e: int) -> torch.Tensor:
         """Local expert e's weight ``name`` in the compute dtype."""
-        return getattr(self, name)[e]
+        return self.rows(name)[e]
+
+    def rows(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Tensor ``name`` split into its experts' slices, once per forward. (Indexing ``w[e]`` per
+        expert would make autograd write a zero-filled copy of the whole tensor per expert.)"""
+        if self._rows is None:  # outside forward: nothing to share
+            return getattr(self, name).unbind(0)
+        if name not in self._rows:
+            self._rows[name] = getattr(self, name).unbind(0)
+        return self._rows[name]
 
     def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(up bias [n, 2f or f], down bias [n, H]) or Nones. Only shard 0 adds the down bias: the
@@ -156,16 +166,20 @@ class ExpertGroup(nn.Module):
         if triton and self.KERNEL is not None:
             out_TH += self.kernel_output(x_TH, topk_ids_TK, topk_weights_TK).float()
             return
-        run_experts(
-            self.expert,
-            x_TH,
-            topk_ids_TK,
-            topk_weights_TK,
-            self.FIRST,
-            self.local_index,
-            out_TH,
-            WEIGHT_ON_INPUT,
-        )
+        self._rows = {}  # see rows(): filled during this call, dropped after it
+        try:
+            run_experts(
+                self.expert,
+                x_TH,
+                topk_ids_TK,
+                topk_weights_TK,
+                self.FIRST,
+                self.local_index,
+                out_TH,
+                WEIGHT_ON_INPUT,
+            )
+        finally:
+            self._rows = None
 
 
 class RoutedExperts(ExpertGroup):

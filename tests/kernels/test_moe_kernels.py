@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moec/templates/kernels_src"))
 
 import moe_kernels as mk  # noqa: E402
-from moe_kernels import permute, reference, routing  # noqa: E402
+from moe_kernels import backward, permute, reference, routing  # noqa: E402
 from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
 
 # numpy warns about log(0) on masked lanes and NaN in never-stored padding rows.
@@ -284,3 +284,69 @@ def test_ops_registered_with_fake():
         y = ns.moe_experts(x, ids, w, torch.empty(5, 48, 40), torch.empty(5, 40, 24), None, None,
                            0, "silu", "standard", 0.0, 1.702, 1.0, 1.0, False)  # fmt: skip
     assert ids.shape == (4, 2) and ids.dtype == torch.int32 and y.shape == (4, 40)
+
+
+def test_reference_experts_backward_takes_each_weight_once():
+    """The oracle (whose vjp is the Triton path's backward) unbinds each weight once instead of
+    indexing w[e] per expert (whose backward writes a whole zero-filled weight per expert)."""
+    x, ids, w, w_up, w_down = make_experts(7, 16, 8, 4, 2, torch.float32)[:5]
+    w_up.requires_grad_()
+    y = reference.moe_experts(x, ids, w, w_up, w_down.requires_grad_())
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert "UnbindBackward0" in names and "SelectBackward0" not in names, names
+
+
+@pytest.mark.parametrize(
+    "glu_form, bias, weight_on_input, first, id_hi",
+    [
+        ("standard", False, False, 0, None),
+        ("gpt_oss", True, False, 0, None),
+        ("none", True, True, 0, None),  # plain MLP, weight on the input
+        ("softcap_sigmoid", False, False, 2, 9),  # a group [2, 8) of 9 experts: slots skipped
+        ("standard", True, False, 0, 3),  # experts 3 and 4 get no rows
+    ],
+)
+def test_grouped_gemm_backward_matches_the_oracle(glu_form, bias, weight_on_input, first, id_hi):
+    """The six-grouped-GEMM backward equals autograd through the oracle (float64 reference)."""
+    T, H, F, E, K = 11, 16, 8, 5, 3
+    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
+        T, H, F, E, K, torch.float32, glu_form, bias, seed=3, id_hi=id_hi
+    )
+    kw = dict(first_expert_id=first, activation="gelu", glu_form=glu_form, limit=1.5, alpha=1.7,
+              gate_softcap=2.0, up_softcap=3.0, weight_on_input=weight_on_input)  # fmt: skip
+    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
+    got = backward.experts_backward(
+        gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), min_experts=1
+    )
+    assert got is not None, "torch._grouped_mm refused float32 CPU tensors"
+    leaves = [t.double().requires_grad_() if t is not None else None
+              for t in (x, w, w_up, w_down, b_up, b_down)]  # fmt: skip
+    y = reference.moe_experts(leaves[0], ids, *leaves[1:], **kw)
+    want = torch.autograd.grad(y, [t for t in leaves if t is not None], gy.double())
+    got = [g for g in got if g is not None]
+    names = ["dx", "dw", "dw_up", "dw_down"] + (["db_up", "db_down"] if bias else [])
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grouped_gemm_backward_declines_unaligned_rows():
+    """Rows the op cannot take (H * 4 bytes not a multiple of 16) fall back to the oracle: None."""
+    x, ids, w, w_up, w_down, _, _ = make_experts(5, 10, 8, 3, 2, torch.float32)
+    args = (0, "silu", "standard", 0.0, 1.702, 1.0, 1.0, False)
+    gy = torch.ones(5, 10)
+    assert backward.experts_backward(gy, x, ids, w, w_up, w_down, None, None, *args, 1) is None
+
+
+def test_grouped_gemm_backward_only_for_many_experts():
+    """Below MIN_EXPERTS experts the per-expert loop is faster: None (the oracle's vjp runs)."""
+    x, ids, w, w_up, w_down, _, _ = make_experts(5, 16, 8, 3, 2, torch.float32)
+    args = (0, "silu", "standard", 0.0, 1.702, 1.0, 1.0, False)
+    gy = torch.ones(5, 16)
+    assert backward.experts_backward(gy, x, ids, w, w_up, w_down, None, None, *args) is None
+    assert backward.experts_backward(gy, x, ids, w, w_up, w_down, None, None, *args, 1) is not None

@@ -12,8 +12,9 @@ Dispatch: CUDA tensors (or any tensors when this package was imported under ``TR
 run the Triton kernels; other tensors run the plain-torch oracle in ``reference``, so the ops also
 work on a CPU without a GPU.
 
-Backward: the gradients are computed in plain torch by differentiating the oracle with the forward's
-routing held fixed (recomputation; correct, not yet fast). The experts backward is its own custom op
+Backward: the forward is recomputed with the routing held fixed and differentiated with six grouped
+GEMMs (``backward``; ``torch._grouped_mm``), or, where that op is missing, by differentiating the
+oracle in plain torch (correct, slow). The experts backward is its own custom op
 so that ``torch.compile`` never traces its data-dependent shapes.
 
 Ops live in the namespace of the package they are copied into (``pkg.kernels`` → ``pkg_kernels``),
@@ -29,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import grouped_gemm, permute, reference, routing
+from . import backward, grouped_gemm, permute, reference, routing
 from .configs import MoeConfig, pick_config
 
 NAMESPACE = (__package__ or "moe_kernels").replace(".", "_")
@@ -256,9 +257,17 @@ def _experts_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, routing weights, w_up, w_down, b_up, b_down); an absent bias gets [0].
 
-    ``torch.func.vjp`` of the oracle: autograd's own tape is off inside a custom op.
+    Grouped GEMMs (``backward.experts_backward``) where ``torch._grouped_mm`` takes the tensors,
+    else ``torch.func.vjp`` of the oracle (autograd's own tape is off inside a custom op).
     """
     has_bu, has_bd = b_up_EX is not None, b_down_EH is not None
+    grads = backward.experts_backward(
+        grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
+        first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
+        weight_on_input,
+    )  # fmt: skip
+    if grads is not None:
+        return tuple(grad_y_TH.new_empty(0) if g is None else g.contiguous() for g in grads)
 
     def forward(x, w, wu, wd, bu, bd):
         return reference.moe_experts(

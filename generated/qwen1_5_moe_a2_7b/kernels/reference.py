@@ -293,14 +293,17 @@ def moe_experts(
     xs = x_TH[tok]
     if weight_on_input:
         xs = (xs.float() * rw).to(x_TH.dtype)
+    # One unbind per tensor, not w[e] per expert: the backward of w[e] writes a zero-filled copy
+    # of the whole [E, ...] tensor per expert (E x its size); unbind's stacks the experts' once.
+    w_up, w_down = w_up_EXH.unbind(0), w_down_EHF.unbind(0)
+    b_up = (None,) * E if b_up_EX is None else b_up_EX.unbind(0)
+    b_down = (None,) * E if b_down_EH is None else b_down_EH.unbind(0)
     outs = []
     for e, rows in enumerate(torch.split(xs, counts)):
         if len(rows):
-            b_up = None if b_up_EX is None else b_up_EX[e]
-            b_down = None if b_down_EH is None else b_down_EH[e]
             outs.append(
                 expert_mlp(
-                    rows, w_up_EXH[e], w_down_EHF[e], b_up, b_down, activation, glu_form,
+                    rows, w_up[e], w_down[e], b_up[e], b_down[e], activation, glu_form,
                     limit, alpha, gate_softcap, up_softcap,
                 )
             )  # fmt: skip

@@ -1,0 +1,60 @@
+"""Time a training step of the generated layer on one GPU: forward, and forward + backward.
+
+    python bench/moe_train_step.py [--shapes qwen3_30b_a3b,...] [--tokens 4096]
+
+For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
+bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
+under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients.
+The backward of the Triton path is the plain-torch recomputation in ``kernels/ops.py``.
+"""
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "generated"))
+
+
+def forward_ms(layer, x):
+    with torch.no_grad():
+        return do_bench(lambda: layer(x), warmup=5, rep=100, return_mode="median")
+
+
+def step_ms(layer, x, g):
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(g)
+
+    return do_bench(step, warmup=5, rep=200, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="mixtral_8x7b,qwen3_30b_a3b,olmoe_1b_7b")
+    ap.add_argument("--tokens", type=int, default=4096)
+    args = ap.parse_args()
+    print("| shape | T | backend | forward ms | forward + backward ms |")
+    print("|---|---|---|---|---|")
+    for name in args.shapes.split(","):
+        pkg = importlib.import_module(name)
+        torch.manual_seed(0)
+        layer = pkg.MoELayer(torch.bfloat16, device="cuda")
+        x = torch.randn(args.tokens, pkg.layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn_like(x)
+        x.requires_grad_()
+        for backend in ("triton", "torch"):
+            layer.backend = backend
+            fwd = forward_ms(layer, x)
+            both = step_ms(layer, x, g)
+            print(f"| {name} | {args.tokens} | {backend} | {fwd:.3f} | {both:.3f} |", flush=True)
+        del layer, x, g
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
