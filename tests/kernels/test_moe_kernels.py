@@ -350,3 +350,16 @@ def test_grouped_gemm_backward_only_for_many_experts():
     gy = torch.ones(5, 16)
     assert backward.experts_backward(gy, x, ids, w, w_up, w_down, None, None, *args) is None
     assert backward.experts_backward(gy, x, ids, w, w_up, w_down, None, None, *args, 1) is not None
+
+
+def test_tuner_moves_both_block_m_together():
+    """The tuner's first pass halves / doubles block_m of both GEMMs at once: the padding follows
+    the larger block_m, so per-GEMM moves alone never try less padding."""
+    from moe_kernels.tune import joint_candidates
+
+    base = MoeConfig(GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 4))
+    got = joint_candidates(base)
+    assert [(c.up.block_m, c.down.block_m) for c in got] == [(64, 64), (256, 256)]
+    assert all(c.up.block_n == 128 and c.down.block_n == 256 for c in got)
+    small = MoeConfig(GemmConfig(16, 32, 256, 1, 4, 4), GemmConfig(16, 64, 256, 1, 4, 3))
+    assert [c.block_m for c in joint_candidates(small)] == [32]
