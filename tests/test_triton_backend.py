@@ -71,6 +71,16 @@ dtype: fp32
 experts: [{count: 16, ffn: 8, bias: true}]
 router: {top_k: 4, normalize: sum}
 """,  # >= 16 experts: the backward runs the grouped GEMMs (kernels/backward.py)
+    "quantized_mix": """
+name: quantized_mix
+hidden: 32
+dtype: fp32
+experts:
+  - {name: wide, count: 4, ffn: 16}
+  - {name: narrow_int8, count: 4, ffn: 8, dtype: int8}
+  - {name: tiny_int4, count: 2, ffn: 8, dtype: int4}
+router: {top_k: 3, normalize: sum}
+""",  # int8 through the kernels (int8 tiles, row scales), int4 through the torch path
     "v2_masked": """
 name: v2_masked
 hidden: 16
@@ -200,3 +210,30 @@ def test_torch_path_backward_reads_each_weight_once(layer):
     y = layer(torch.randn(9, layer.router.weight.shape[1]))
     nodes = _graph_nodes(y)
     assert "UnbindBackward0" in nodes and "SelectBackward0" not in nodes, nodes
+
+
+def test_int8_group_runs_the_kernels_with_scales(monkeypatch):
+    """The int8 group of a mixed-precision layer reaches the kernels as int8 tiles + row scales
+    (not dequantised in torch), and the layer matches the torch backend."""
+    pkg = build_package(SPECS["quantized_mix"])
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(backend="triton")
+    k = pkg.backend.kernels().ops
+    seen = []
+    real = k.moe_experts_triton
+
+    def spy(x, ids, w, w_up, w_down, *args, **kw):
+        scale = kw.get(
+            "w_up_scale_EX", args[10] if len(args) > 10 else None
+        )  # after weight_on_input
+        seen.append((w_up.dtype, scale is not None))
+        return real(x, ids, w, w_up, w_down, *args, **kw)
+
+    monkeypatch.setattr(k, "moe_experts_triton", spy)
+    x = torch.randn(11, 32)
+    with torch.no_grad():
+        y = layer(x)
+        layer.backend = "torch"
+        want = layer(x)
+    assert (torch.int8, True) in seen and (torch.float32, False) in seen, seen
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)

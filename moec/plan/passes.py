@@ -396,12 +396,10 @@ def routing_kernel_covers(spec: Spec) -> bool:
 
 def choose_kernels(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     """Which parts run as Triton kernels on CUDA, and the tile tables from ``moec tune`` if given."""
-    groups = tuple(g.name for g in plan.groups if g.dtype in ("fp32", "bf16", "fp16"))
+    groups = tuple(g.name for g in plan.groups if g.dtype in ("fp32", "bf16", "fp16", "int8"))
     notes = []
     if len(groups) < len(plan.groups):
-        notes.append(
-            "quantised groups run the torch path (dequantise per expert); no int/fp8 kernels yet"
-        )
+        notes.append("int4 and fp8 groups run the torch path (dequantise per expert)")
     if not routing_kernel_covers(spec):
         notes.append("this router runs the torch path (the routing kernel does not cover it)")
     tuning, source = (), None

@@ -97,6 +97,7 @@ def _up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, X, H]   X = 2F (gate rows, then up rows) or F
     b_ptr,  # [E, X]      (if HAS_BIAS)
+    s_ptr,  # [E, X] float32 scale of each weight row (if W_SCALED: w is int8, w * s is the weight)
     rw_ptr,  # [N] float32 routing weights (if WEIGHT_ON_INPUT)
     sorted_ptr,  # [P] int32 slot ids, sentinel N on padding
     eob_ptr,  # [B] int32 expert of each row block, -1 = empty
@@ -113,6 +114,7 @@ def _up_kernel(
     ACT: tl.constexpr,
     FORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -148,16 +150,20 @@ def _up_kernel(
             k_ok = offs_k < H - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g)
+        acc_g = tl.dot(a, bg.to(a.dtype), acc_g)  # int8 weights: exact in bf16 / fp16
         if GLU:
             if EVEN_K:
                 bu = tl.load(g_ptrs + F * H)
             else:
                 bu = tl.load(g_ptrs + F * H, mask=k_ok[:, None], other=0.0)
-            acc_u = tl.dot(a, bu, acc_u)
+            acc_u = tl.dot(a, bu.to(a.dtype), acc_u)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
 
+    if W_SCALED:  # x (q * s).T == (x q.T) * s: one scale per output column of the tile
+        acc_g = acc_g * tl.load(s_ptr + e * X + offs_wn)[None, :]
+        if GLU:
+            acc_u = acc_u * tl.load(s_ptr + e * X + F + offs_wn)[None, :]
     if WEIGHT_ON_INPUT:  # (w x) W.T == w (x W.T): scale the rows before the bias
         rw = tl.load(rw_ptr + slot, mask=row_ok, other=0.0)
         acc_g = acc_g * rw[:, None]
@@ -176,6 +182,7 @@ def _down_kernel(
     h_ptr,  # [P, F]
     w_ptr,  # [E, H, F]
     b_ptr,  # [E, H]  (if HAS_BIAS)
+    s_ptr,  # [E, H] float32 scale of each weight row (if W_SCALED)
     rw_ptr,  # [N] float32 routing weights (if MUL_WEIGHT)
     sorted_ptr,  # [P] int32
     eob_ptr,  # [B] int32
@@ -185,6 +192,7 @@ def _down_kernel(
     H: tl.constexpr,
     F: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -215,10 +223,12 @@ def _down_kernel(
             k_ok = offs_k < F - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b.to(a.dtype), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    if W_SCALED:
+        acc = acc * tl.load(s_ptr + e * H + offs_wn)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * H + offs_wn).to(tl.float32)[None, :]
     if MUL_WEIGHT:
@@ -275,11 +285,13 @@ def up_proj(
     alpha: float = 1.702,
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
+    w_up_scale_EX: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h_PF: the expert activations of every padded row (padding rows left unwritten).
 
     ``w_up_EXH`` is [E, 2F, H] (gate rows then up rows) for a GLU form, [E, F, H] for
-    ``glu_form="none"``. ``topk_weights_N`` (float32 [T*K]) given = weight on input.
+    ``glu_form="none"``; int8 with ``w_up_scale_EX`` (float32, one scale per row) for weight-only
+    int8. ``topk_weights_N`` (float32 [T*K]) given = weight on input.
     """
     T, H = x_TH.shape
     E, X, _ = w_up_EXH.shape
@@ -289,10 +301,12 @@ def up_proj(
     c = config
     _up_kernel[(num_m * triton.cdiv(F, c.block_n),)](
         x_TH, w_up_EXH, b_up_EX if b_up_EX is not None else w_up_EXH,
+        w_up_scale_EX if w_up_scale_EX is not None else x_TH,
         topk_weights_N if topk_weights_N is not None else x_TH,
         sorted_slot_ids_P, expert_of_block_B, h, T * top_k, num_m,
         float(limit), float(alpha), float(gate_softcap), float(up_softcap),
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
+        W_SCALED=w_up_scale_EX is not None,
         WEIGHT_ON_INPUT=topk_weights_N is not None, ALIGN_M=align_m, BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k, GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages,
@@ -309,18 +323,22 @@ def down_proj(
     expert_of_block_B: torch.Tensor,
     num_slots: int,
     config: GemmConfig,
+    w_down_scale_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o_NH: each slot's expert output (× its routing weight when ``topk_weights_N`` is given),
-    in slot order. Rows of slots not in this group are left unwritten (``combine`` skips them)."""
+    in slot order. Rows of slots not in this group are left unwritten (``combine`` skips them).
+    ``w_down_scale_EH``: float32 row scales of an int8 ``w_down_EHF``."""
     E, H, F = w_down_EHF.shape
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     o = torch.empty(num_slots, H, dtype=h_PF.dtype, device=h_PF.device)
     c = config
     _down_kernel[(num_m * triton.cdiv(H, c.block_n),)](
         h_PF, w_down_EHF, b_down_EH if b_down_EH is not None else w_down_EHF,
+        w_down_scale_EH if w_down_scale_EH is not None else h_PF,
         topk_weights_N if topk_weights_N is not None else h_PF,
         sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
-        H=H, F=F, HAS_BIAS=b_down_EH is not None, MUL_WEIGHT=topk_weights_N is not None,
+        H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
+        MUL_WEIGHT=topk_weights_N is not None,
         ALIGN_M=align_m, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

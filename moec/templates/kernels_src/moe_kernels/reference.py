@@ -269,12 +269,19 @@ def moe_experts(
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
     weight_on_input: bool = False,
+    w_up_scale_EX: torch.Tensor | None = None,
+    w_down_scale_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y_TH = Σ_k w_tk · expert_{id_tk}(x_t)`` over the slots whose id is in [first, first+E).
 
     With ``weight_on_input`` the weight scales the expert input instead: ``expert(w_tk · x_t)``.
-    Differentiable in x, the routing weights and every weight and bias.
+    With scales the weights are int8 rows times float32 scales (weight-only int8), dequantised
+    to x's dtype here. Differentiable in x, the routing weights and every float weight and bias.
     """
+    if w_up_scale_EX is not None:
+        w_up_EXH = (w_up_EXH.float() * w_up_scale_EX.float().unsqueeze(-1)).to(x_TH.dtype)
+    if w_down_scale_EH is not None:
+        w_down_EHF = (w_down_EHF.float() * w_down_scale_EH.float().unsqueeze(-1)).to(x_TH.dtype)
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E = w_up_EXH.shape[0]
