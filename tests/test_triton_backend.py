@@ -80,7 +80,7 @@ experts:
   - {name: narrow_int8, count: 4, ffn: 8, dtype: int8}
   - {name: tiny_int4, count: 2, ffn: 8, dtype: int4}
 router: {top_k: 3, normalize: sum}
-""",  # int8 through the kernels (int8 tiles, row scales), int4 through the torch path
+""",  # int8 and int4 through the kernels (integer tiles, row scales)
     "v2_masked": """
 name: v2_masked
 hidden: 16
@@ -212,9 +212,9 @@ def test_torch_path_backward_reads_each_weight_once(layer):
     assert "UnbindBackward0" in nodes and "SelectBackward0" not in nodes, nodes
 
 
-def test_int8_group_runs_the_kernels_with_scales(monkeypatch):
-    """The int8 group of a mixed-precision layer reaches the kernels as int8 tiles + row scales
-    (not dequantised in torch), and the layer matches the torch backend."""
+def test_quantized_groups_run_the_kernels_with_scales(monkeypatch):
+    """The int8 and int4 groups of a mixed-precision layer reach the kernels as integer tiles +
+    row scales (not dequantised in torch), and the layer matches the torch backend."""
     pkg = build_package(SPECS["quantized_mix"])
     torch.manual_seed(0)
     layer = pkg.MoELayer(backend="triton")
@@ -235,5 +235,5 @@ def test_int8_group_runs_the_kernels_with_scales(monkeypatch):
         y = layer(x)
         layer.backend = "torch"
         want = layer(x)
-    assert (torch.int8, True) in seen and (torch.float32, False) in seen, seen
+    assert set(seen) == {(torch.int8, True), (torch.uint8, True), (torch.float32, False)}, seen
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)

@@ -371,15 +371,31 @@ def quantize_int8(w):
     return (w / scale.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_int4(w):
+    """Symmetric int4 in [-8, 7], packed two per byte along the rows (low nibble = even column)."""
+    scale = (w.abs().amax(-1) / 7.0).clamp(min=1e-12)
+    q = (w / scale.unsqueeze(-1)).round().clamp(-8, 7).to(torch.int8)
+    nibbles = (q + 8).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kw", [{}, dict(glu_form="gpt_oss", limit=7.0), dict(first_expert_id=2)])
-def test_experts_int8_weights(dtype, kw):
-    """Weight-only int8: the kernels load int8 tiles and scale the accumulators per weight row;
-    equal to the float computation with the dequantised weights."""
+def test_experts_quantized_weights(bits, dtype, kw):
+    """Weight-only int8 / int4: the kernels load integer tiles (int4: unpacked in registers) and
+    scale the accumulators per weight row; equal to the float computation with the dequantised
+    weights. H = 40 is not a multiple of BLOCK_K: the masked K loop is covered too."""
     T, H, F, E, K = 9, 40, 24, 5, 3
     x, ids, w, w_up, w_down, _, _ = make_experts(T, H, F, E, K, torch.float32, seed=7, id_hi=8)
-    (q_up, s_up), (q_down, s_down) = quantize_int8(w_up), quantize_int8(w_down)
-    deq_up, deq_down = q_up.float() * s_up[..., None], q_down.float() * s_down[..., None]
+    quantize = quantize_int8 if bits == "int8" else quantize_int4
+    (q_up, s_up), (q_down, s_down) = quantize(w_up), quantize(w_down)
+    deq_up = reference.dequantize(q_up, s_up, torch.float32)
+    deq_down = reference.dequantize(q_down, s_down, torch.float32)
+    if bits == "int4":  # the packing round-trips: dequantised values on the int4 grid
+        grid = deq_up / s_up[..., None]
+        torch.testing.assert_close(grid, grid.round())
+        assert grid.min() >= -8.001 and grid.max() <= 7.001
     y = mk.moe_experts_triton(
         x.to(dtype), ids, w, q_up, q_down, **kw, w_up_scale_EX=s_up, w_down_scale_EH=s_down,
         config=CFG,
@@ -389,17 +405,19 @@ def test_experts_int8_weights(dtype, kw):
     assert y.dtype == dtype
 
 
-def test_experts_op_int8_backward():
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_experts_op_quantized_backward(bits):
     """Through the op with autograd: gradients reach x and the routing weights, not the frozen
-    int8 weights, and equal those of the float layer with the dequantised weights."""
+    integer weights, and equal those of the float layer with the dequantised weights."""
     x, ids, w, w_up, w_down, _, _ = make_experts(7, 40, 24, 5, 3, torch.float32, seed=11)
-    (q_up, s_up), (q_down, s_down) = quantize_int8(w_up), quantize_int8(w_down)
+    quantize = quantize_int8 if bits == "int8" else quantize_int4
+    (q_up, s_up), (q_down, s_down) = quantize(w_up), quantize(w_down)
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = mk.moe_experts(xl, ids, wl, q_up, q_down, w_up_scale_EX=s_up, w_down_scale_EH=s_down)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, [xl, wl], gy)
     d = [t.double().requires_grad_() for t in (x, w)]
-    deq = [(q.double() * s.double()[..., None]) for q, s in ((q_up, s_up), (q_down, s_down))]
+    deq = [reference.dequantize(q, s, torch.float64) for q, s in ((q_up, s_up), (q_down, s_down))]
     y_ref = reference.moe_experts(d[0], ids, d[1], *deq)
     want = torch.autograd.grad(y_ref, d, gy.double())
     assert rel_err(y, y_ref) < 1e-5
