@@ -79,8 +79,9 @@ experts:
   - {name: wide, count: 4, ffn: 16}
   - {name: narrow_int8, count: 4, ffn: 8, dtype: int8}
   - {name: tiny_int4, count: 2, ffn: 8, dtype: int4}
+  - {name: tiny_fp8, count: 2, ffn: 8, dtype: fp8}
 router: {top_k: 3, normalize: sum}
-""",  # int8 and int4 through the kernels (integer tiles, row scales)
+""",  # int8, int4 and fp8 through the kernels (stored tiles, row scales)
     "v2_masked": """
 name: v2_masked
 hidden: 16
@@ -213,7 +214,7 @@ def test_torch_path_backward_reads_each_weight_once(layer):
 
 
 def test_quantized_groups_run_the_kernels_with_scales(monkeypatch):
-    """The int8 and int4 groups of a mixed-precision layer reach the kernels as integer tiles +
+    """The int8, int4 and fp8 groups of a mixed-precision layer reach the kernels as stored tiles +
     row scales (not dequantised in torch), and the layer matches the torch backend."""
     pkg = build_package(SPECS["quantized_mix"])
     torch.manual_seed(0)
@@ -235,5 +236,6 @@ def test_quantized_groups_run_the_kernels_with_scales(monkeypatch):
         y = layer(x)
         layer.backend = "torch"
         want = layer(x)
-    assert set(seen) == {(torch.int8, True), (torch.uint8, True), (torch.float32, False)}, seen
+    stored = {(torch.int8, True), (torch.uint8, True), (torch.float8_e4m3fn, True)}
+    assert set(seen) == stored | {(torch.float32, False)}, seen
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)

@@ -396,11 +396,8 @@ def routing_kernel_covers(spec: Spec) -> bool:
 
 def choose_kernels(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     """Which parts run as Triton kernels on CUDA, and the tile tables from ``moec tune`` if given."""
-    kernel_dtypes = ("fp32", "bf16", "fp16", "int8", "int4")
-    groups = tuple(g.name for g in plan.groups if g.dtype in kernel_dtypes)
+    groups = tuple(g.name for g in plan.groups)  # every precision: float, int8, int4, fp8 tiles
     notes = []
-    if len(groups) < len(plan.groups):
-        notes.append("fp8 groups run the torch path (dequantise per expert)")
     if not routing_kernel_covers(spec):
         notes.append("this router runs the torch path (the routing kernel does not cover it)")
     tuning, source = (), None

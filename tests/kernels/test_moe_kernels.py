@@ -379,17 +379,25 @@ def quantize_int4(w):
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
 
 
-@pytest.mark.parametrize("bits", ["int8", "int4"])
+def quantize_fp8(w):
+    """fp8 e4m3 with the row's max mapped to 448 (as the generated quant.py)."""
+    scale = (w.abs().amax(-1) / 448.0).clamp(min=1e-12)
+    return (w / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+QUANTIZE = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kw", [{}, dict(glu_form="gpt_oss", limit=7.0), dict(first_expert_id=2)])
 def test_experts_quantized_weights(bits, dtype, kw):
-    """Weight-only int8 / int4: the kernels load integer tiles (int4: unpacked in registers) and
-    scale the accumulators per weight row; equal to the float computation with the dequantised
+    """Weight-only int8 / int4 / fp8: the kernels load the stored tiles (int4: unpacked in
+    registers) and scale the accumulators per weight row; equal to the float computation with the dequantised
     weights. H = 40 is not a multiple of BLOCK_K: the masked K loop is covered too."""
     T, H, F, E, K = 9, 40, 24, 5, 3
     x, ids, w, w_up, w_down, _, _ = make_experts(T, H, F, E, K, torch.float32, seed=7, id_hi=8)
-    quantize = quantize_int8 if bits == "int8" else quantize_int4
-    (q_up, s_up), (q_down, s_down) = quantize(w_up), quantize(w_down)
+    (q_up, s_up), (q_down, s_down) = QUANTIZE[bits](w_up), QUANTIZE[bits](w_down)
     deq_up = reference.dequantize(q_up, s_up, torch.float32)
     deq_down = reference.dequantize(q_down, s_down, torch.float32)
     if bits == "int4":  # the packing round-trips: dequantised values on the int4 grid
@@ -405,13 +413,12 @@ def test_experts_quantized_weights(bits, dtype, kw):
     assert y.dtype == dtype
 
 
-@pytest.mark.parametrize("bits", ["int8", "int4"])
+@pytest.mark.parametrize("bits", ["int8", "int4", "fp8"])
 def test_experts_op_quantized_backward(bits):
     """Through the op with autograd: gradients reach x and the routing weights, not the frozen
     integer weights, and equal those of the float layer with the dequantised weights."""
     x, ids, w, w_up, w_down, _, _ = make_experts(7, 40, 24, 5, 3, torch.float32, seed=11)
-    quantize = quantize_int8 if bits == "int8" else quantize_int4
-    (q_up, s_up), (q_down, s_down) = quantize(w_up), quantize(w_down)
+    (q_up, s_up), (q_down, s_down) = QUANTIZE[bits](w_up), QUANTIZE[bits](w_down)
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = mk.moe_experts(xl, ids, wl, q_up, q_down, w_up_scale_EX=s_up, w_down_scale_EH=s_down)
     gy = torch.randn_like(y)

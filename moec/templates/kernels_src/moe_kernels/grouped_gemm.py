@@ -71,8 +71,8 @@ def _glu(g, u, limit, alpha, gate_cap, up_cap, ACT: tl.constexpr, FORM: tl.const
 @triton.jit
 def _weight_tile(b, dtype, W_INT4: tl.constexpr):
     """A loaded weight tile in the activations' dtype. int4: ``b`` is [BLOCK_K // 2, BLOCK_N] bytes
-    holding two values each along K (low nibble = even k, value = nibble - 8); int8 / float: as is
-    (int8 and int4 values are exact in bf16 / fp16)."""
+    holding two values each along K (low nibble = even k, value = nibble - 8); int8 / fp8 e4m3 /
+    float: converted as is (int8, int4 and e4m3 values are exact in bf16 / fp16)."""
     if W_INT4:
         low = (b & 0xF).to(tl.int8) - 8
         high = (b >> 4).to(tl.int8) - 8
@@ -170,13 +170,13 @@ def _up_kernel(
             k_ok = offs_k < H - k * BLOCK_K
             kw_ok = offs_kw < KW - k * BKW
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=kw_ok[:, None], other=0)
+            bg = tl.load(g_ptrs, mask=kw_ok[:, None], other=0.0)
         acc_g = tl.dot(a, _weight_tile(bg, a.dtype, W_INT4), acc_g)
         if GLU:
             if EVEN_K:
                 bu = tl.load(g_ptrs + F * KW)
             else:
-                bu = tl.load(g_ptrs + F * KW, mask=kw_ok[:, None], other=0)
+                bu = tl.load(g_ptrs + F * KW, mask=kw_ok[:, None], other=0.0)
             acc_u = tl.dot(a, _weight_tile(bu, a.dtype, W_INT4), acc_u)
         a_ptrs += BLOCK_K
         g_ptrs += BKW
@@ -247,7 +247,7 @@ def _down_kernel(
         else:
             k_ok = offs_k < F - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0)
+            b = tl.load(w_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0.0)
         acc = tl.dot(a, _weight_tile(b, a.dtype, W_INT4), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BKW
