@@ -192,6 +192,45 @@ def test_hierarchical_model_counts_the_rows_the_runtime_sends():
     assert intra_us == pytest.approx(rows[0].max() + rows[2].max(), rel=0.03)
 
 
+def flat_rows(dest_GTK: np.ndarray, node_G: np.ndarray, per_slot: bool = False) -> np.ndarray:
+    """Rows each rank sends and receives in the generated flat all-to-all (comm.py,
+    ``Dispatcher._route``): one per (token, destination rank), whatever the token's slots there
+    (``per_slot``: one per slot instead) -> rows[intra | inter, sent | received, rank].
+    Self-sends cost nothing."""
+    rows = np.zeros((2, 2, len(node_G)))
+    for s, dest_TK in enumerate(dest_GTK):
+        for dest_K in dest_TK:
+            for d in dest_K.tolist() if per_slot else set(dest_K.tolist()):
+                if d == s:
+                    continue
+                side = int(node_G[d] != node_G[s])
+                rows[side, 0, s] += 1
+                rows[side, 1, d] += 1
+    return rows
+
+
+def test_flat_model_counts_the_rows_the_runtime_sends():
+    """The expected bytes of the flat all-to-all are the rows the generated runtime sends: one per
+    (token, destination rank), not one per slot. Top-4 picks over 2 nodes x 4 ranks (2 experts
+    each), drawn independently as the model assumes."""
+    rng = np.random.default_rng(0)
+    experts, top_k, tokens = 16, 4, 1000
+    node_G = np.repeat(np.arange(2), 4)
+    holder_E = np.arange(experts) * len(node_G) // experts
+    share_EG = np.zeros((experts, len(node_G)))
+    share_EG[np.arange(experts), holder_E] = 1.0
+    probs_E = rng.dirichlet(np.full(experts, 4.0))
+    dest_GTK = holder_E[rng.choice(experts, size=(len(node_G), tokens, top_k), p=probs_E)]
+    rows = flat_rows(dest_GTK, node_G)
+    send, _ = dispatch_traffic(share_EG, probs_E, np.full(len(node_G), tokens), top_k, 1.0, node_G)
+    one, free = Link(0.0, 1e-3), Link(0.0, 1e12)  # 1 row (1 byte) per µs; free
+    assert flat_all_to_all_us(send, node_G, one, free) == pytest.approx(rows[0].max(), rel=0.03)
+    inter_us = flat_all_to_all_us(send, node_G, free, one)
+    assert inter_us == pytest.approx(rows[1].max(), rel=0.03)
+    # one row per slot would load the busiest rank's NIC more than the model predicts
+    assert flat_rows(dest_GTK, node_G, per_slot=True)[1].max() > 1.1 * inter_us
+
+
 def test_all_gather_single_and_multi_node():
     link = Link(alpha_us=5.0, gb_per_s=100.0)
     one = all_gather_us(np.full(4, 1e6), np.zeros(4, dtype=int), link, link)

@@ -2,7 +2,8 @@
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
 expert tensor parallelism, skewed routing with experts that receive no tokens, the flat all-to-all
 pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch.
-Hierarchical dispatch (2 nodes x 2 ranks) sends one row across nodes per (token, node) pair."""
+The flat all-to-all sends one row per (token, destination rank) pair; hierarchical dispatch (2 nodes
+x 2 ranks) sends one row across nodes per (token, node) pair."""
 
 from __future__ import annotations
 
@@ -78,9 +79,19 @@ CONFIGS = {
         "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
         "comm: {dispatch: hierarchical}\n"
     ),
+    # top-3 of 7 experts on 2 ranks: every token has 2 or 3 slots on one rank, each scaled there
+    "top3_ep2_chunks2_weight_on_input": (
+        "weight_on: input\nparallel: {dp: 4, ep: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "comm: {dispatch: all_to_all, chunks: 2}\n"
+    ),
 }
-TOP_K = {"top3_replicas_hierarchical": 3}
-CHUNKS = {"chunks2_replicas": 2, "chunks3_weight_on_input": 3, "chunks2_expert_tp2": 2}
+TOP_K = {"top3_replicas_hierarchical": 3, "top3_ep2_chunks2_weight_on_input": 3}
+CHUNKS = {
+    "chunks2_replicas": 2,
+    "chunks3_weight_on_input": 3,
+    "chunks2_expert_tp2": 2,
+    "top3_ep2_chunks2_weight_on_input": 2,
+}
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
 TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2)}
@@ -116,15 +127,16 @@ def _check(pkg, rank: int, name: str) -> None:
         (y * g).sum().backward()
         outs[label] = (y.detach(), xr.grad)
     sharded.reduce_replica_grads()
-    if pkg.comm.DISPATCH == "hierarchical":
-        crossing = _inter_node_rows(sharded.dispatcher, dispatched)
-        dist.all_reduce(crossing)  # a rank forwards its node's rows: only the sums must agree
+    counted = {"hierarchical": _inter_node_rows, "all_to_all": _flat_rows}.get(pkg.comm.DISPATCH)
+    if counted is not None:
+        sent = counted(sharded.dispatcher, dispatched)
+        dist.all_reduce(sent)  # a rank forwards its node's rows: only the sums must agree
     _check_schedule(pkg, log, name)  # after the collectives, so a failure cannot stall the others
-    if pkg.comm.DISPATCH == "hierarchical":
-        rows, pairs, slots = crossing.tolist()
-        assert rows == pairs, (name, "rows across nodes", rows, "(token, node) pairs", pairs)
+    if counted is not None:
+        rows, pairs, slots = sent.tolist()
+        assert rows == pairs, (name, "rows sent", rows, "(token, destination) pairs", pairs)
         if TOP_K.get(name, 2) >= 3:
-            assert pairs < slots, (name, "no token has 2 slots on a remote node")
+            assert pairs < slots, (name, "no token has 2 slots on one destination")
     torch.testing.assert_close(
         outs["sharded"][0], outs["full"][0], atol=1e-5, rtol=1e-5, msg=f"{name} y"
     )
@@ -173,25 +185,45 @@ def _schedule_log(layer):
 
 @contextlib.contextmanager
 def _dispatch_log(dispatcher):
-    """Log (topk_ids_TK, state) of the hierarchical dispatches made inside."""
-    log, real = [], dispatcher._dispatch_hierarchical
+    """Log (topk_ids_TK, what it returned) of the hierarchical dispatches and flat all-to-all
+    routes (``_route``: the units of every chunk) made inside."""
+    log, ids_at = [], {"_dispatch_hierarchical": 1, "_route": 0}  # topk_ids_TK among the args
+    reals = {name: getattr(dispatcher, name) for name in ids_at}
 
-    def dispatch(x_TH, topk_ids_TK, *args):
-        x_NH, expert_N, weight_N, state = real(x_TH, topk_ids_TK, *args)
-        log.append((topk_ids_TK, state))
-        return x_NH, expert_N, weight_N, state
+    def spy(real, at):
+        def call(*args):
+            out = real(*args)
+            log.append((args[at], out))
+            return out
 
-    dispatcher._dispatch_hierarchical = dispatch
+        return call
+
+    for name, at in ids_at.items():
+        setattr(dispatcher, name, spy(reals[name], at))
     try:
         yield log
     finally:
-        del dispatcher._dispatch_hierarchical
+        for name in ids_at:
+            delattr(dispatcher, name)
+
+
+def _flat_rows(dispatcher, dispatched) -> torch.Tensor:
+    """[rows this rank sends in the flat all-to-all (to itself too, every chunk), its (token,
+    destination rank) pairs, its kept slots]. The rows must be the pairs: a token goes to a rank
+    once, whatever its slots there."""
+    ((ids_TK, route),) = dispatched
+    rows = sum(map(sum, route["send_CG"]))
+    token_TK = torch.arange(ids_TK.shape[0]).unsqueeze(1).expand_as(ids_TK)
+    kept_TK, ep = ids_TK >= 0, len(dispatcher.ep_group_ranks)
+    dest_TK = dispatcher._holder(ids_TK.clamp(min=0), token_TK)
+    pairs = torch.unique(token_TK[kept_TK] * ep + dest_TK[kept_TK]).numel()
+    return torch.tensor([rows, pairs, int(kept_TK.sum())])
 
 
 def _inter_node_rows(dispatcher, dispatched) -> torch.Tensor:
     """[rows this rank sends across nodes, its (token, other node) pairs, its slots on other nodes].
     Summed over the ranks, the rows must be the pairs: a token crosses to a node once."""
-    ((ids_TK, state),) = dispatched
+    ((ids_TK, (*_, state)),) = dispatched
     rail = state["hops"][1]  # along the rail: the rail group's members are in node order
     rows = sum(rail.send) - rail.send[dist.get_rank(rail.group)]
     token_TK = torch.arange(ids_TK.shape[0]).unsqueeze(1).expand_as(ids_TK)
@@ -202,13 +234,13 @@ def _inter_node_rows(dispatcher, dispatched) -> torch.Tensor:
 
 
 def _check_schedule(pkg, log: list[str], name: str) -> None:
-    """Flat all-to-all: one counts exchange that waits, then every chunk's rows on the wire while
+    """Flat all-to-all: one counts exchange that waits, then every chunk's units on the wire while
     the shared expert runs, then each chunk's outputs sent back asynchronously.
     Hierarchical: the shared expert runs while the inter-node rows are on the wire."""
     assert log.count("shared") == 1, (name, log)
-    if pkg.comm.DISPATCH == "all_to_all":
+    if pkg.comm.DISPATCH == "all_to_all":  # a chunk's rows, then their slots; outputs back
         chunks = pkg.comm.CHUNKS
-        want = ["wait"] + ["async"] * chunks + ["shared"] + ["async"] * chunks
+        want = ["wait"] + ["async"] * 2 * chunks + ["shared"] + ["async"] * chunks
         assert log == want, (name, log)
     elif pkg.comm.DISPATCH == "hierarchical":
         assert log[log.index("shared") - 1] == "async", (name, log)

@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 2 bench/multi_gpu/a2a_vs_raw.py bench/multi_gpu/generated/mixtral_ep2 [--out DIR]
 
 For each token count: draw a Mixtral-like routing (softmax of random logits, top-2, renormalised), time
-(a) dist.all_to_all_single of the [S, H] bf16 rows with the dispatcher's own split sizes, (b) the
-dispatcher's dispatch (counts exchange + rows), (c) its combine; print medians and (a)/(b).
+(a) dist.all_to_all_single of the [U, H] bf16 rows (one per token and destination rank) with the
+dispatcher's own split sizes, (b) the dispatcher's dispatch (counts exchange + rows and their slots),
+(c) its combine; print medians and (a)/(b).
 """
 
 import argparse
@@ -40,7 +41,7 @@ def measure(d, tokens: int, hidden: int, experts: int, top_k: int, rank: int) ->
     w = w / w.sum(-1, keepdim=True)
     x_N, _, _, state = d.dispatch(x, ids, w)
     send, recv = state["hops"][0][0], state["hops"][0][1]
-    src = x[state["token_S"]]
+    src = x[state["hops"][0].parent_U]  # one row per (token, destination rank)
     out = x.new_empty((sum(recv), hidden))
     raw = median_ms(lambda: dist.all_to_all_single(out, src, recv, send))
     ours = median_ms(lambda: d.dispatch(x, ids, w))
