@@ -6,16 +6,19 @@
 
 Plan entries: mesh, placement, comm. Ranks of the expert layout are ordered (pp, edp, ep, expert_tp),
 expert_tp innermost: an ep group is EP ranks in a row.
-Shapes: T tokens of this rank, K slots per token, S kept slots, N rows received, H hidden, G ep ranks;
-hierarchical dispatch: U units sent (a row with the slots it carries), R rows received by a hop.
+Shapes: T tokens of this rank, K slots per token, S = T·K slots, U units sent (a row with the slots
+it carries), R rows received by a hop, H hidden, G ep ranks, C chunks.
 
-Dispatch (hierarchical): every kept slot (id >= 0) goes, with its token's row and routing weight, to
-an ep rank holding its expert (a replicated expert's slots alternate between its copies by token
-index); combine sends the expert outputs back and sums them per token. The hierarchical all-to-all
-moves a token across the nodes once per destination node, whatever its slots there, and its outputs
-come back summed per node (``Dispatcher._dispatch_hierarchical``). The exchanges of activations are
-autograd functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔
-all-reduce), so gradients flow through them.
+Dispatch (hierarchical): every kept slot (id >= 0) is computed on an ep rank holding its expert (a
+replicated expert's slots alternate between its copies by token index). The all-to-alls move a
+token's row as a unit, once per destination rank, with the expert ids and routing weights of the
+slots it carries there, K wide (-1 and 0 in the other places): a token with two experts on one rank
+sends its row there once. The experts take the rows as they come (``experts(x_UH, expert_UK,
+weight_UK)`` sums a row's weighted outputs), so combine returns one row per unit too and sums them
+per token. The hierarchical all-to-all also moves a token across the nodes once per destination
+node, whatever its slots there (``Dispatcher._dispatch_hierarchical``). The exchanges of activations are autograd
+functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔ all-reduce),
+so gradients flow through them, to the routing weights too: they are applied where the experts are.
 
 ``Dispatcher.run`` is the layer's schedule: it overlaps the shared expert with the dispatch and, with
 the flat all-to-all, pipelines the tokens in CHUNKS chunks through dispatch → experts → combine.
@@ -33,7 +36,6 @@ DP, TP, EP, PP, EXPERT_TP, EDP = 32, 1, 32, 1, 1, 1
 NUM_EXPERTS = 160
 DISPATCH = "hierarchical"  # all_to_all | hierarchical | all_gather
 CHUNKS = 1  # plan comm.chunks: token chunks of the flat all-to-all pipeline (1: no pipeline)
-WEIGHT_ON_INPUT = False  # the routing weight scales the expert input (sent with the row)
 
 # PLACEMENT[layer][ep_rank] = global expert ids held by that ep rank (ids repeat across ranks for
 # replicas), for each MoE layer of the plan (plan.json: placement.layers[i].ranks).
@@ -187,13 +189,13 @@ def _nothing() -> None:
     """The default ``meanwhile``: no work to overlap."""
 
 
-def _run_experts(experts, x_NH, expert_N, weight_N) -> torch.Tensor:
-    """``experts(x_NH, expert_N, weight_N)``, or with no rows the (empty) rows themselves in float32:
-    every rank's backward must run the same exchanges, and an output no expert touched would leave
-    the combine out of this rank's autograd graph."""
-    if x_NH.shape[0] == 0:
-        return x_NH.float()
-    return experts(x_NH, expert_N, weight_N)
+def _run_experts(experts, x_UH, expert_UK, weight_UK) -> torch.Tensor:
+    """``experts(x_UH, expert_UK, weight_UK)``, or with no rows the (empty) rows themselves in
+    float32: every rank's backward must run the same exchanges, and an output no expert touched
+    would leave the combine out of this rank's autograd graph."""
+    if x_UH.shape[0] == 0:
+        return x_UH.float()
+    return experts(x_UH, expert_UK, weight_UK)
 
 
 def _exchange_ids(
@@ -235,12 +237,29 @@ def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor
     return key_U % max(R, 1), key_U // max(R, 1), code_UK, weight_UK
 
 
+def _start_units(rows_UH, slots_U2K, send: list[int], recv: list[int], group):
+    """Start the all-to-all of units: rows and their slots (routing weights, then expert ids, K
+    each, in float32: the ids are small integers, exact there) in one autograd node, so the
+    weights' gradient goes back with the rows' -> (rows, slots, works): read them after every
+    ``work.wait()``."""
+    works = []
+    rows, slots = _AllToAll.apply(rows_UH, send, recv, group, works, slots_U2K)
+    return rows, slots, works
+
+
+def _split_slots(slots_U2K: torch.Tensor):
+    """The received slots of each unit -> (expert_UK global ids, -1: not this unit's; weight_UK)."""
+    K = slots_U2K.shape[1] // 2
+    return slots_U2K[:, K:].long(), slots_U2K[:, :K]
+
+
 class Dispatcher:
     """Moves one MoE layer's routed rows to the ranks holding their experts, and back.
 
-    ``dispatch`` returns the received rows, their global expert ids and routing weights; the local
-    experts turn them into weighted outputs; ``combine`` returns those to their tokens. ``run`` does
-    all three for the layer, overlapping communication with compute.
+    ``dispatch`` returns the received rows with the global expert ids and routing weights of the
+    slots each carries, K wide; the local experts turn each row into the weighted sum of its
+    experts' outputs; ``combine`` returns those to their tokens. ``run`` does all three for the
+    layer, overlapping communication with compute.
     """
 
     def __init__(self, layer: int = 0):
@@ -257,14 +276,6 @@ class Dispatcher:
         width = max(len(h) for h in holders)
         self.copies_E = torch.tensor([len(h) for h in holders])
         self.holder_EC = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders])
-        # position_EG[e, g]: place of expert e in ep rank g's list (0 where g does not hold e)
-        self.width = max(len(ids) for ids in self.placement)
-        self.position_EG = torch.zeros(NUM_EXPERTS, EP, dtype=torch.long)
-        for g, ids in enumerate(self.placement):
-            for j, e in enumerate(ids):
-                self.position_EG[e, g] = j
-        held = list(self.placement[ep_rank(rank)])
-        self.held_J = torch.tensor(held + [held[0]] * (self.width - len(held)))  # padding: count 0
         self._device_tables = {}
         if DISPATCH == "hierarchical":
             node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
@@ -286,9 +297,11 @@ class Dispatcher:
         topk_weights_TK: torch.Tensor,
         meanwhile=None,
     ):
-        """-> (x_NH, expert_N, weight_N, state): the rows this rank's experts must compute, in one
-        chunk. ``meanwhile()`` runs while the rows are on the wire (all-gather: after them);
-        ``state["meanwhile"]`` holds what it returned."""
+        """-> (x_UH, expert_UK, weight_UK, state): the rows this rank's experts must compute, each
+        with the global expert ids (-1: none) and routing weights of its slots here, in one chunk.
+        ``meanwhile()`` runs while the rows are on the wire (all-gather: after them);
+        ``state["meanwhile"]`` holds what it returned, ``state["hops"][0]`` the rows sent and
+        received per ep rank (flat all-to-all: one per (token, rank) pair)."""
         meanwhile = meanwhile if meanwhile is not None else _nothing
         token_counts = None
         if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
@@ -296,34 +309,35 @@ class Dispatcher:
                 x_TH, topk_ids_TK, topk_weights_TK
             )
         if DISPATCH == "all_gather":
-            x_NH, expert_N, weight_N, state = self._dispatch_all_gather(
+            x_UH, expert_UK, weight_UK, state = self._dispatch_all_gather(
                 x_TH, topk_ids_TK, topk_weights_TK, token_counts
             )
-            return x_NH, expert_N, weight_N, state | {"meanwhile": meanwhile()}
+            return x_UH, expert_UK, weight_UK, state | {"meanwhile": meanwhile()}
         if DISPATCH == "hierarchical":
             return self._dispatch_hierarchical(
                 x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile
             )
-        route = self._route(x_TH, topk_ids_TK, topk_weights_TK, chunks=1)
+        route = self._route(topk_ids_TK, topk_weights_TK, chunks=1)
         send, recv = route["send_CG"][0], route["recv_CG"][0]
-        x_NH, work = _start_exchange(route["rows_SH"], send, recv, self.ep_group)
-        state = {"token_S": route["token_S"], "weight_S": route["weight_S"], "dtype": x_TH.dtype}
-        state |= {"T": x_TH.shape[0], "token_counts": token_counts, "meanwhile": meanwhile()}
-        state["hops"] = [Hop(send, recv, self.ep_group, route["token_S"], x_TH.shape[0])]
-        work.wait()
-        expert_N = self._received_experts(route, 0, x_NH.shape[0])
-        # the routing weights stay here: combine applies them (their gradient stays local)
-        return x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device), state
+        x_UH, slots_U2K, works = _start_units(
+            x_TH[route["token_U"]], route["slots_U2K"], send, recv, self.ep_group
+        )
+        state = {"hops": [Hop(send, recv, self.ep_group, route["token_U"], x_TH.shape[0])]}
+        state |= {"dtype": x_TH.dtype, "token_counts": token_counts, "meanwhile": meanwhile()}
+        for work in works:
+            work.wait()
+        return x_UH, *_split_slots(slots_U2K), state
 
     def run(self, x_TH, topk_ids_TK, topk_weights_TK, experts, meanwhile=None):
         """The routed path of the layer -> (y_TH float32 [T, H], what ``meanwhile()`` returned).
 
-        ``experts(x_NH, expert_N, weight_N)`` -> out_NH float32: the weighted outputs of this rank's
-        experts for the rows it receives. ``meanwhile`` (no arguments: the shared expert) runs while
-        routed rows are on the wire. The flat all-to-all pipelines CHUNKS chunks of tokens:
+        ``experts(x_UH, expert_UK, weight_UK)`` -> out_UH float32: for each row this rank receives,
+        the sum over its slots (expert id >= 0) of the routing weight times that expert's output.
+        ``meanwhile`` (no arguments: the shared expert) runs while routed rows are on the wire. The
+        flat all-to-all pipelines CHUNKS chunks of tokens:
 
             the counts of every chunk: one small all-to-all, one host sync
-            send every chunk ─ meanwhile()
+            send every chunk (rows, then their slots) ─ meanwhile()
             for each chunk i: wait for chunk i ─ experts(chunk i) ─ send chunk i's outputs back
             wait for the outputs, sum them per token
 
@@ -333,84 +347,78 @@ class Dispatcher:
         with ``meanwhile`` beside its inter-node hop; all-gather runs it after the gathers.
         """
         if DISPATCH != "all_to_all":
-            x_NH, expert_N, weight_N, state = self.dispatch(
+            x_UH, expert_UK, weight_UK, state = self.dispatch(
                 x_TH, topk_ids_TK, topk_weights_TK, meanwhile
             )
-            out_NH = _run_experts(experts, x_NH, expert_N, weight_N)
-            return self.combine(out_NH, state, x_TH.shape[0]), state["meanwhile"]
+            out_UH = _run_experts(experts, x_UH, expert_UK, weight_UK)
+            return self.combine(out_UH, state, x_TH.shape[0]), state["meanwhile"]
         token_counts = None
         if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
             x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
                 x_TH, topk_ids_TK, topk_weights_TK
             )
-        route = self._route(x_TH, topk_ids_TK, topk_weights_TK, CHUNKS)
+        route = self._route(topk_ids_TK, topk_weights_TK, CHUNKS)
         send_CG, recv_CG = route["send_CG"], route["recv_CG"]
-        sizes_C = [sum(send_G) for send_G in send_CG]  # slots this rank sends per chunk
-        rows_C = route["rows_SH"].split(sizes_C)
+        sizes_C = [sum(send_G) for send_G in send_CG]  # units this rank sends per chunk
+        token_C, slots_C = route["token_U"].split(sizes_C), route["slots_U2K"].split(sizes_C)
         outbound = [
-            _start_exchange(rows_C[i], send_CG[i], recv_CG[i], self.ep_group) for i in range(CHUNKS)
+            _start_units(x_TH[token_C[i]], slots_C[i], send_CG[i], recv_CG[i], self.ep_group)
+            for i in range(CHUNKS)
         ]
         extra = meanwhile() if meanwhile is not None else None
         inbound = []
-        for i, (x_NH, work) in enumerate(outbound):
-            work.wait()
-            expert_N = self._received_experts(route, i, x_NH.shape[0])
-            out_NH = _run_experts(
-                experts, x_NH, expert_N, torch.ones(x_NH.shape[0], device=x_NH.device)
-            )
+        for i, (x_UH, slots_U2K, works) in enumerate(outbound):
+            for work in works:
+                work.wait()
+            out_UH = _run_experts(experts, x_UH, *_split_slots(slots_U2K))
             # back along the same exchange, splits swapped; on the wire in the activations' dtype
             inbound.append(
-                _start_exchange(out_NH.to(x_TH.dtype), recv_CG[i], send_CG[i], self.ep_group)
+                _start_exchange(out_UH.to(x_TH.dtype), recv_CG[i], send_CG[i], self.ep_group)
             )
         out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        for (y_SH, work), token_S, weight_S in zip(
-            inbound, route["token_S"].split(sizes_C), route["weight_S"].split(sizes_C), strict=True
-        ):
+        for (y_UH, work), token_U in zip(inbound, token_C, strict=True):
             work.wait()
-            y_SH = y_SH.float() if WEIGHT_ON_INPUT else y_SH.float() * weight_S.unsqueeze(1)
-            out_TH = out_TH.index_add(0, token_S, y_SH)  # summed in float32
+            out_TH = out_TH.index_add(0, token_U, y_UH.float())  # summed in float32
         return self._scatter_etp(out_TH, token_counts), extra
 
-    def _route(self, x_TH, topk_ids_TK, topk_weights_TK, chunks: int) -> dict:
-        """Flat all-to-all: order the kept slots and exchange the counts of every chunk at once.
+    def _route(self, topk_ids_TK, topk_weights_TK, chunks: int) -> dict:
+        """Flat all-to-all: group the kept slots into units and exchange every chunk's counts at once.
 
-        Chunk c holds the slots of tokens [c·T/chunks, (c+1)·T/chunks). Rows go out grouped by chunk,
-        then destination, then the expert's place in the destination's list, so the counts alone
-        tell the receiver which expert each row is for. Dropped slots sort last and are never sent.
-        One small all-to-all and one host sync (the split sizes) for all chunks.
-        Returns rows_SH (in sending order) with token_S and weight_S, send_CG and recv_CG (host rows
-        per chunk and ep rank) and recv_GCJ (rows from each rank per chunk and local expert).
+        Chunk c holds the tokens [c·T/chunks, (c+1)·T/chunks). A token sends one unit to each ep
+        rank computing any of its slots (dropped slots, id -1, go nowhere). Units go out grouped by
+        chunk, then destination, then token. One small all-to-all and one host sync (the split
+        sizes) for all chunks: the grouping compares a token's K slots pairwise rather than asking
+        the host how many units there are. Returns token_U (each unit's token, in sending order),
+        slots_U2K (its routing weights, then its global expert ids, float32), send_CG and recv_CG
+        (host lists: units per chunk and ep rank).
         """
         T, K = topk_ids_TK.shape
-        tables = self._tables(x_TH.device)
-        ids_S = topk_ids_TK.reshape(-1)
-        token_S = torch.arange(T * K, device=x_TH.device) // K
-        expert_S = ids_S.clamp(min=0)
-        dest_S = tables["holder_EC"][expert_S, token_S % tables["copies_E"][expert_S]]
-        chunk_S = token_S * chunks // max(T, 1)
-        key_S = (chunk_S * EP + dest_S) * self.width + tables["position_EG"][expert_S, dest_S]
-        dropped = chunks * EP * self.width  # the key after every kept slot's
-        key_S = torch.where(ids_S >= 0, key_S, dropped)
-        order_S = torch.argsort(key_S, stable=True)
-        send_CGJ = torch.bincount(key_S, minlength=dropped + 1)[:-1].view(chunks, EP, -1)
-        # rank g receives send_GCJ[g]: how many rows this rank sends it per chunk and expert
-        send_GCJ = send_CGJ.transpose(0, 1).contiguous()
-        recv_GCJ = torch.empty_like(send_GCJ)
-        dist.all_to_all_single(recv_GCJ, send_GCJ, group=self.ep_group)
-        send_CG, recv_CG = torch.stack([send_CGJ.sum(2), recv_GCJ.sum(2).T]).tolist()
-        slot_S = order_S[: sum(map(sum, send_CG))]
-        token_S = token_S[slot_S]
-        weight_S = topk_weights_TK.reshape(-1)[slot_S].float()
-        rows_SH = x_TH[token_S]
-        if WEIGHT_ON_INPUT:
-            rows_SH = (rows_SH * weight_S.unsqueeze(1)).to(x_TH.dtype)
-        route = {"rows_SH": rows_SH, "token_S": token_S, "weight_S": weight_S}
-        return route | {"send_CG": send_CG, "recv_CG": recv_CG, "recv_GCJ": recv_GCJ}
-
-    def _received_experts(self, route: dict, chunk: int, rows: int) -> torch.Tensor:
-        """Global expert id of each row received in ``chunk`` (grouped by source, then expert)."""
-        held_GJ = self._tables(route["recv_GCJ"].device)["held_J"].repeat(EP)
-        return held_GJ.repeat_interleave(route["recv_GCJ"][:, chunk].reshape(-1), output_size=rows)
+        device = topk_ids_TK.device
+        token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, K)
+        kept_TK = topk_ids_TK >= 0
+        keys = chunks * EP  # a slot's key: chunk · EP + destination; a dropped slot's: keys
+        dest_TK = self._holder(topk_ids_TK.clamp(min=0), token_TK)
+        key_TK = torch.where(kept_TK, token_TK * chunks // max(T, 1) * EP + dest_TK, keys)
+        # with_TKK[t, k, j]: slot j of token t travels with slot k (same key, kept); the first slot
+        # of each key leads the unit
+        with_TKK = (key_TK.unsqueeze(2) == key_TK.unsqueeze(1)) & kept_TK.unsqueeze(1)
+        lead_TK = kept_TK & (with_TKK.int().argmax(2) == torch.arange(K, device=device))
+        unit_key_S = torch.where(lead_TK, key_TK, keys).reshape(-1)
+        order_S = torch.argsort(unit_key_S, stable=True)  # by chunk, destination, token
+        sent_per_key = torch.zeros(keys + 1, dtype=torch.long, device=device).index_add_(
+            0, unit_key_S, torch.ones_like(unit_key_S)
+        )
+        # rank g receives send_GC[g]: how many units this rank sends it per chunk
+        send_GC = sent_per_key[:-1].view(chunks, EP).T.contiguous()
+        recv_GC = torch.empty_like(send_GC)
+        dist.all_to_all_single(recv_GC, send_GC, group=self.ep_group)
+        send_CG, recv_CG = torch.stack([send_GC.T, recv_GC.T]).tolist()
+        lead_U = order_S[: sum(map(sum, send_CG))]
+        token_U, with_UK = lead_U // K, with_TKK.reshape(T * K, K)[lead_U]
+        expert_UK = torch.where(with_UK, topk_ids_TK[token_U], -1)
+        weight_UK = torch.where(with_UK, topk_weights_TK[token_U].float(), 0.0)
+        slots_U2K = torch.cat([weight_UK, expert_UK.float()], dim=1)
+        return {"token_U": token_U, "slots_U2K": slots_U2K, "send_CG": send_CG, "recv_CG": recv_CG}
 
     def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
         """Hierarchical all-to-all: a token crosses to a node once, however many of its slots are there.
@@ -422,8 +430,9 @@ class Dispatcher:
              this node go straight to their ranks, one unit per (token, rank);
           2. along the rail across nodes, one row per (token, node); ``meanwhile()`` runs meanwhile;
           3. in the destination node, one unit per (token, rank) to the ranks computing its slots.
-        The experts get one row per slot with its weight, so combine sums a token's outputs per rank
-        and per node before they go back: they cross the nodes as one row per (token, node) too.
+        The experts take the units of the last hop as they are (one row per (token, rank)), and
+        combine sums a token's outputs per node before they go back: they cross the nodes as one row
+        per (token, node) too.
         """
         T, K = topk_ids_TK.shape
         expert_TK = topk_ids_TK.clamp(min=0)
@@ -449,10 +458,9 @@ class Dispatcher:
         (rows_RH, code_RK, weight_RK), hop_3, _ = self._hop(
             rows_RH, row_U, code_UK, weight_UK, local_U, self.intra_group
         )
-        unit_N, k_N = torch.nonzero(code_RK >= 0, as_tuple=True)  # one row per slot for the experts
-        state = {"hops": [hop_1, hop_2, hop_3], "unit_N": unit_N, "units": rows_RH.shape[0]}
-        state |= {"dtype": x_TH.dtype, "token_counts": token_counts, "meanwhile": extra}
-        return rows_RH[unit_N], code_RK[unit_N, k_N] % NUM_EXPERTS, weight_RK[unit_N, k_N], state
+        state = {"hops": [hop_1, hop_2, hop_3], "dtype": x_TH.dtype, "token_counts": token_counts}
+        expert_RK = torch.where(code_RK >= 0, code_RK % NUM_EXPERTS, -1)
+        return rows_RH, expert_RK, weight_RK, state | {"meanwhile": extra}
 
     def _hop(self, rows_RH, parent_U, code_UK, weight_UK, dest_U, group, meanwhile=None):
         """Send units to the members ``dest_U`` of ``group``: unit i is row ``parent_U[i]`` of rows_RH
@@ -475,7 +483,7 @@ class Dispatcher:
     def _tables(self, device) -> dict:
         """The routing tables on ``device``, copied once."""
         if self._device_tables.get("device") != device:
-            names = ("copies_E", "holder_EC", "position_EG", "held_J")
+            names = ("copies_E", "holder_EC")
             self._device_tables = {n: getattr(self, n).to(device) for n in names} | {
                 "device": device
             }
@@ -486,52 +494,42 @@ class Dispatcher:
         tables = self._tables(expert_S.device)
         return tables["holder_EC"][expert_S, token_S % tables["copies_E"][expert_S]]
 
-    def combine(self, y_NH: torch.Tensor, state: dict, num_tokens: int) -> torch.Tensor:
-        """Send the weighted expert outputs back and sum them per token -> y_TH float32 [T, H]."""
+    def combine(self, y_UH: torch.Tensor, state: dict, num_tokens: int) -> torch.Tensor:
+        """Send the experts' outputs (one row per unit received) back and sum them per token
+        -> y_TH float32 [T, H]. All-to-alls go back hop by hop, summing (in float32) what returns
+        into the rows it was sent from; on the wire in the activations' dtype, so a partial sum is
+        rounded at most once per hop."""
         if DISPATCH == "all_gather":
-            return self._combine_all_gather(y_NH, state)
-        if DISPATCH == "hierarchical":
-            return self._combine_hierarchical(y_NH, state)
-        hop = state["hops"][0]
-        # on the wire in the activations' dtype, back along the same exchange (splits swap)
-        y_SH = _exchange(y_NH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
-        y_SH = y_SH if WEIGHT_ON_INPUT else y_SH * state["weight_S"].unsqueeze(1)
-        out_TH = y_SH.new_zeros((state["T"], y_SH.shape[1])).index_add(0, state["token_S"], y_SH)
-        return self._scatter_etp(out_TH, state["token_counts"])
-
-    def _combine_hierarchical(self, y_NH, state):
-        """Sum the weighted outputs per unit, then go back hop by hop, summing (in float32) what
-        returns into the rows it was sent from: a token's outputs of one node cross back as one row.
-        On the wire in the activations' dtype, so a partial sum is rounded at most once per hop."""
-        y_RH = y_NH.new_zeros((state["units"], y_NH.shape[1]), dtype=torch.float32)
-        y_RH = y_RH.index_add(0, state["unit_N"], y_NH.float())
-        for hop in reversed(state["hops"]):
+            return self._combine_all_gather(y_UH, state)
+        y_RH = y_UH.float()
+        for hop in reversed(state["hops"]):  # back along each exchange, splits swapped
             y_UH = _exchange(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
             y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
         return self._scatter_etp(y_RH, state["token_counts"])
 
     def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
-        """All-gather: every rank sees every token of its ep group and keeps the slots it computes."""
+        """All-gather: every rank sees every token of its ep group and keeps those with slots it
+        computes, with the ids of those slots (-1 elsewhere), K wide."""
         counts = _gather_counts(x_TH.shape[0], self.ep_group, x_TH.device)
         xs = _all_gather_rows(x_TH, counts, self.ep_group)
         ids = _all_gather_ids(topk_ids_TK, counts, self.ep_group)
         ws = _all_gather_rows(topk_weights_TK.float(), counts, self.ep_group)
-        K = ids.shape[1]
-        slot_S = torch.nonzero(ids.reshape(-1) >= 0).squeeze(1)
-        expert_S = ids.reshape(-1)[slot_S]
-        mine_S = self._holder(expert_S, slot_S // K) == ep_rank(dist.get_rank())
-        slot_S, expert_S = slot_S[mine_S], expert_S[mine_S]
+        token_TK = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
+        mine_TK = (ids >= 0) & (
+            self._holder(ids.clamp(min=0), token_TK) == ep_rank(dist.get_rank())
+        )
+        token_U = torch.nonzero(mine_TK.any(1)).squeeze(1)  # the tokens with a slot computed here
         state = {
-            "token_S": slot_S // K,
+            "token_U": token_U,
             "counts": counts,
             "rows": ids.shape[0],
             "token_counts": token_counts,
         }
-        return xs[slot_S // K], expert_S, ws.reshape(-1)[slot_S], state
+        return xs[token_U], torch.where(mine_TK, ids, -1)[token_U], ws[token_U], state
 
-    def _combine_all_gather(self, y_NH, state):
-        out = y_NH.new_zeros((state["rows"], y_NH.shape[1]), dtype=torch.float32).index_add(
-            0, state["token_S"], y_NH.float()
+    def _combine_all_gather(self, y_UH, state):
+        out = y_UH.new_zeros((state["rows"], y_UH.shape[1]), dtype=torch.float32).index_add(
+            0, state["token_U"], y_UH.float()
         )
         out = _AllReduce.apply(out, self.ep_group)
         me = self.ep_group_ranks.index(dist.get_rank())

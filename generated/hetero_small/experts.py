@@ -163,16 +163,25 @@ class ExpertGroup(nn.Module):
             ids_TK, first = topk_ids_TK, self.FIRST
         else:  # a subset (expert parallelism): global ids -> rows of the held experts
             ids_TK, first = local_ids(topk_ids_TK, self.FIRST, self.local_index), 0
+        if self.QUANT is not None:  # int8 / int4 / fp8 tiles; the kernels scale the accumulators
+            up, down = getattr(self, f"q_{self.up_name}"), self.q_w_down_EHF
+            scales = {
+                "w_up_scale_EX": getattr(self, f"s_{self.up_name}"),
+                "w_down_scale_EH": self.s_w_down_EHF,
+            }
+        else:
+            up, down, scales = getattr(self, self.up_name), self.w_down_EHF, {}
         return backend.kernels().moe_experts(
             x_TH,
             ids_TK,
             topk_weights_TK,
-            getattr(self, self.up_name),
-            self.w_down_EHF,
+            up,
+            down,
             *self.biases(),
             first_expert_id=first,
             weight_on_input=WEIGHT_ON_INPUT,
             **self.KERNEL,
+            **scales,
         )
 
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:
@@ -224,6 +233,7 @@ class NarrowInt8Experts(ExpertGroup):
 
     FIRST, COUNT, FFN, HIDDEN, GLU = 8, 8, 256, 256, True
     QUANT = "int8"  # stored int8 with a float32 scale per output row; computed in the layer's dtype
+    KERNEL = {"activation": "silu", "glu_form": "standard"}
 
     def __init__(
         self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
@@ -257,6 +267,7 @@ class NarrowInt4Experts(ExpertGroup):
 
     FIRST, COUNT, FFN, HIDDEN, GLU = 16, 8, 128, 256, True
     QUANT = "int4"  # stored int4 with a float32 scale per output row; computed in the layer's dtype
+    KERNEL = {"activation": "gelu_tanh", "glu_form": "standard"}
 
     def __init__(
         self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1

@@ -120,9 +120,9 @@ class MoELayer(nn.Module):
                         p.grad[group.experts.index(e)] = buf[i]
 
     def _routed_distributed(self, x_TH, topk_ids_TK, topk_weights_TK, meanwhile=None):
-        """Send each slot to a rank holding its expert, run the local experts, send the results back,
-        on the comm plan's schedule (``comm.Dispatcher.run``: the flat all-to-all in comm.CHUNKS
-        chunks); ``meanwhile()`` runs while routed rows are on the wire.
+        """Send each token once to each rank holding any of its experts, run the local experts, send
+        their weighted sums back, on the comm plan's schedule (``comm.Dispatcher.run``: the flat
+        all-to-all in comm.CHUNKS chunks); ``meanwhile()`` runs while routed rows are on the wire.
 
         Returns (the float32 routed sum for this rank's T tokens, what ``meanwhile()`` returned).
         """
@@ -130,13 +130,14 @@ class MoELayer(nn.Module):
             x_TH, topk_ids_TK, topk_weights_TK, self._local_experts, meanwhile
         )
 
-    def _local_experts(self, x_NH, expert_N, weight_N) -> torch.Tensor:
-        """This rank's experts on the rows it received: weighted outputs out_NH float32 [N, H]."""
-        triton = backends.use_triton(self.backend, x_NH)
-        out_NH = torch.zeros(x_NH.shape, dtype=torch.float32, device=x_NH.device)
+    def _local_experts(self, x_UH, expert_UK, weight_UK) -> torch.Tensor:
+        """This rank's experts on the rows it received, each with the global expert ids (-1: none)
+        and routing weights of its slots here: out_UH float32 [U, H], each row's weighted sum."""
+        triton = backends.use_triton(self.backend, x_UH)
+        out_UH = torch.zeros(x_UH.shape, dtype=torch.float32, device=x_UH.device)
         for group in self.groups.values():
-            group(x_NH, expert_N.unsqueeze(1), weight_N.unsqueeze(1), out_NH, triton)
-        return out_NH
+            group(x_UH, expert_UK, weight_UK, out_UH, triton)
+        return out_UH
 
     def _shared_expert(self, x_TH):
         """The shared expert's output [T, H], scaled by its sigmoid gate."""

@@ -131,17 +131,17 @@ def bench(args, rank: int, world: int) -> int:
         results["route"] = _median_ms(lambda: layer.route(x_TH), args)
         if getattr(layer, "dispatcher", None) is not None:
             d = layer.dispatcher
-            x_NH, expert_N, weight_N, state = d.dispatch(x_TH, ids, weights)
-            out_NH = torch.zeros(x_NH.shape, dtype=torch.float32, device=x_NH.device)
+            x_UH, expert_UK, weight_UK, state = d.dispatch(x_TH, ids, weights)
+            out_UH = torch.zeros(x_UH.shape, dtype=torch.float32, device=x_UH.device)
 
             def experts():
                 for group in layer.groups.values():
-                    group(x_NH, expert_N.unsqueeze(1), weight_N.unsqueeze(1), out_NH, x_NH.is_cuda)
+                    group(x_UH, expert_UK, weight_UK, out_UH, x_UH.is_cuda)
 
             results["dispatch"] = _median_ms(lambda: d.dispatch(x_TH, ids, weights), args)
             results["experts"] = _median_ms(experts, args)
-            results["combine"] = _median_ms(lambda: d.combine(out_NH, state, x_TH.shape[0]), args)
-            results["rows received"] = x_NH.shape[0]
+            results["combine"] = _median_ms(lambda: d.combine(out_UH, state, x_TH.shape[0]), args)
+            results["rows received"] = x_UH.shape[0]
         else:
             results["experts"] = _median_ms(lambda: layer.experts(x_TH, ids, weights), args)
         results["forward"] = _median_ms(lambda: layer(x_TH), args)

@@ -70,6 +70,22 @@ def _glu(g, u, limit, alpha, gate_cap, up_cap, ACT: tl.constexpr, FORM: tl.const
 
 
 # --------------------------------------------------------------------------------------------------
+# Weight tiles
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _weight_tile(b, dtype, W_INT4: tl.constexpr):
+    """A loaded weight tile in the activations' dtype. int4: ``b`` is [BLOCK_K // 2, BLOCK_N] bytes
+    holding two values each along K (low nibble = even k, value = nibble - 8); int8 / fp8 e4m3 /
+    float: converted as is (int8, int4 and e4m3 values are exact in bf16 / fp16)."""
+    if W_INT4:
+        low = (b & 0xF).to(tl.int8) - 8
+        high = (b >> 4).to(tl.int8) - 8
+        pairs = tl.permute(tl.join(low, high), (0, 2, 1))  # [BLOCK_K // 2, 2, BLOCK_N]
+        b = tl.reshape(pairs, (2 * b.shape[0], b.shape[1]))
+    return b.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
@@ -101,6 +117,7 @@ def _up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, X, H]   X = 2F (gate rows, then up rows) or F
     b_ptr,  # [E, X]      (if HAS_BIAS)
+    s_ptr,  # [E, X] float32 scale of each weight row (if W_SCALED: w is int8, w * s is the weight)
     rw_ptr,  # [N] float32 routing weights (if WEIGHT_ON_INPUT)
     sorted_ptr,  # [P] int32 slot ids, sentinel N on padding
     eob_ptr,  # [B] int32 expert of each row block, -1 = empty
@@ -117,6 +134,8 @@ def _up_kernel(
     ACT: tl.constexpr,
     FORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
+    W_INT4: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -137,10 +156,13 @@ def _up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wn = offs_n % F  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
+    KW: tl.constexpr = H // 2 if W_INT4 else H  # stored weight row length (int4: 2 per byte)
+    BKW: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
+    offs_kw = tl.arange(0, BKW)
 
     a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
-    w_e = w_ptr + e.to(tl.int64) * (X * H)
-    g_ptrs = w_e + offs_wn[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of W.T
+    w_e = w_ptr + e.to(tl.int64) * (X * KW)
+    g_ptrs = w_e + offs_wn[None, :] * KW + offs_kw[:, None]  # [BKW, BLOCK_N] view of W.T
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     EVEN_K: tl.constexpr = H % BLOCK_K == 0  # no masks in the main loop (the usual case)
@@ -150,18 +172,23 @@ def _up_kernel(
             bg = tl.load(g_ptrs)
         else:
             k_ok = offs_k < H - k * BLOCK_K
+            kw_ok = offs_kw < KW - k * BKW
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, bg, acc_g)
+            bg = tl.load(g_ptrs, mask=kw_ok[:, None], other=0.0)
+        acc_g = tl.dot(a, _weight_tile(bg, a.dtype, W_INT4), acc_g)
         if GLU:
             if EVEN_K:
-                bu = tl.load(g_ptrs + F * H)
+                bu = tl.load(g_ptrs + F * KW)
             else:
-                bu = tl.load(g_ptrs + F * H, mask=k_ok[:, None], other=0.0)
-            acc_u = tl.dot(a, bu, acc_u)
+                bu = tl.load(g_ptrs + F * KW, mask=kw_ok[:, None], other=0.0)
+            acc_u = tl.dot(a, _weight_tile(bu, a.dtype, W_INT4), acc_u)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
+        g_ptrs += BKW
 
+    if W_SCALED:  # x (q * s).T == (x q.T) * s: one scale per output column of the tile
+        acc_g = acc_g * tl.load(s_ptr + e * X + offs_wn)[None, :]
+        if GLU:
+            acc_u = acc_u * tl.load(s_ptr + e * X + F + offs_wn)[None, :]
     if WEIGHT_ON_INPUT:  # (w x) W.T == w (x W.T): scale the rows before the bias
         rw = tl.load(rw_ptr + slot, mask=row_ok, other=0.0)
         acc_g = acc_g * rw[:, None]
@@ -180,6 +207,7 @@ def _down_kernel(
     h_ptr,  # [P, F]
     w_ptr,  # [E, H, F]
     b_ptr,  # [E, H]  (if HAS_BIAS)
+    s_ptr,  # [E, H] float32 scale of each weight row (if W_SCALED)
     rw_ptr,  # [N] float32 routing weights (if MUL_WEIGHT)
     sorted_ptr,  # [P] int32
     eob_ptr,  # [B] int32
@@ -189,6 +217,8 @@ def _down_kernel(
     H: tl.constexpr,
     F: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
+    W_INT4: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -206,9 +236,12 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wn = offs_n % H
     offs_k = tl.arange(0, BLOCK_K)
+    KW: tl.constexpr = F // 2 if W_INT4 else F  # stored weight row length (int4: 2 per byte)
+    BKW: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
+    offs_kw = tl.arange(0, BKW)
     # Padding rows of h were never written: they are read (unmasked, cheaper) but never stored.
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * F + offs_k[None, :]
-    w_ptrs = w_ptr + e.to(tl.int64) * (H * F) + offs_wn[None, :] * F + offs_k[:, None]
+    w_ptrs = w_ptr + e.to(tl.int64) * (H * KW) + offs_wn[None, :] * KW + offs_kw[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     EVEN_K: tl.constexpr = F % BLOCK_K == 0
     for k in range(0, tl.cdiv(F, BLOCK_K)):
@@ -218,11 +251,13 @@ def _down_kernel(
         else:
             k_ok = offs_k < F - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+            b = tl.load(w_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0.0)
+        acc = tl.dot(a, _weight_tile(b, a.dtype, W_INT4), acc)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BKW
 
+    if W_SCALED:
+        acc = acc * tl.load(s_ptr + e * H + offs_wn)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * H + offs_wn).to(tl.float32)[None, :]
     if MUL_WEIGHT:
@@ -279,24 +314,30 @@ def up_proj(
     alpha: float = 1.702,
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
+    w_up_scale_EX: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h_PF: the expert activations of every padded row (padding rows left unwritten).
 
     ``w_up_EXH`` is [E, 2F, H] (gate rows then up rows) for a GLU form, [E, F, H] for
-    ``glu_form="none"``. ``topk_weights_N`` (float32 [T*K]) given = weight on input.
+    ``glu_form="none"``; with ``w_up_scale_EX`` (float32, one scale per row) weight-only int8
+    (int8 tensor) or int4 (uint8 [E, X, H // 2], two values per byte along H, low nibble first,
+    value = nibble - 8). ``topk_weights_N`` (float32 [T*K]) given = weight on input.
     """
     T, H = x_TH.shape
     E, X, _ = w_up_EXH.shape
     F = X // 2 if glu_form != "none" else X
+    int4 = w_up_EXH.dtype == torch.uint8
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     h = torch.empty(sorted_slot_ids_P.numel(), F, dtype=x_TH.dtype, device=x_TH.device)
     c = config
     _up_kernel[(num_m * triton.cdiv(F, c.block_n),)](
         x_TH, w_up_EXH, b_up_EX if b_up_EX is not None else w_up_EXH,
+        w_up_scale_EX if w_up_scale_EX is not None else x_TH,
         topk_weights_N if topk_weights_N is not None else x_TH,
         sorted_slot_ids_P, expert_of_block_B, h, T * top_k, num_m,
         float(limit), float(alpha), float(gate_softcap), float(up_softcap),
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
+        W_SCALED=w_up_scale_EX is not None, W_INT4=int4,
         WEIGHT_ON_INPUT=topk_weights_N is not None, ALIGN_M=align_m, BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k, GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages,
@@ -313,18 +354,24 @@ def down_proj(
     expert_of_block_B: torch.Tensor,
     num_slots: int,
     config: GemmConfig,
+    w_down_scale_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o_NH: each slot's expert output (× its routing weight when ``topk_weights_N`` is given),
-    in slot order. Rows of slots not in this group are left unwritten (``combine`` skips them)."""
-    E, H, F = w_down_EHF.shape
+    in slot order. Rows of slots not in this group are left unwritten (``combine`` skips them).
+    ``w_down_scale_EH``: float32 row scales of an int8 ``w_down_EHF`` (or int4: uint8 [E, H, F // 2],
+    packed as in ``up_proj``)."""
+    E, H, _ = w_down_EHF.shape
+    F = h_PF.shape[1]
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     o = torch.empty(num_slots, H, dtype=h_PF.dtype, device=h_PF.device)
     c = config
     _down_kernel[(num_m * triton.cdiv(H, c.block_n),)](
         h_PF, w_down_EHF, b_down_EH if b_down_EH is not None else w_down_EHF,
+        w_down_scale_EH if w_down_scale_EH is not None else h_PF,
         topk_weights_N if topk_weights_N is not None else h_PF,
         sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
-        H=H, F=F, HAS_BIAS=b_down_EH is not None, MUL_WEIGHT=topk_weights_N is not None,
+        H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
+        W_INT4=w_down_EHF.dtype == torch.uint8, MUL_WEIGHT=topk_weights_N is not None,
         ALIGN_M=align_m, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

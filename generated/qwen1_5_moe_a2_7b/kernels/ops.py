@@ -175,6 +175,8 @@ def moe_experts_triton(
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
     weight_on_input: bool = False,
+    w_up_scale_EX: Tensor | None = None,
+    w_down_scale_EH: Tensor | None = None,
     config: MoeConfig | None = None,
 ) -> Tensor:
     """The forward through the kernels (no autograd): align → up GEMM + GLU → down GEMM → combine.
@@ -184,6 +186,7 @@ def moe_experts_triton(
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E, _, F = w_down_EHF.shape
+    F *= 2 if w_down_EHF.dtype == torch.uint8 else 1  # int4: two values per byte
     if config is None:
         table = _CONFIG_TABLES.get((H, F, E, K))
         config = pick_config(T, H, F, E, K, x_TH.dtype, table)
@@ -196,13 +199,22 @@ def moe_experts_triton(
     h_PF = grouped_gemm.up_proj(
         x_TH, w_up_EXH, b_up_EX, rw_N if weight_on_input else None, al.sorted_slot_ids_P,
         al.expert_of_block_B, K, config.up, activation, glu_form, limit, alpha, gate_softcap,
-        up_softcap,
+        up_softcap, _scale(w_up_scale_EX),
     )  # fmt: skip
     o_NH = grouped_gemm.down_proj(
         h_PF, w_down_EHF, b_down_EH, None if weight_on_input else rw_N, al.sorted_slot_ids_P,
-        al.expert_of_block_B, T * K, config.down,
+        al.expert_of_block_B, T * K, config.down, _scale(w_down_scale_EH),
     )  # fmt: skip
     return grouped_gemm.combine(o_NH, ids, E, first_expert_id)
+
+
+def _scale(scale: Tensor | None) -> Tensor | None:
+    return None if scale is None else scale.float().contiguous()
+
+
+def _dequantize(w: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """int8 / int4 weight rows × their float32 scales in the activations' dtype (float: as is)."""
+    return w if scale is None else reference.dequantize(w, scale, dtype)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::moe_experts", mutates_args=())
@@ -222,12 +234,14 @@ def _experts_op(
     gate_softcap: float,
     up_softcap: float,
     weight_on_input: bool,
+    w_up_scale_EX: Optional[Tensor] = None,  # noqa: UP045
+    w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
 ) -> Tensor:
     fn = moe_experts_triton if _use_triton(x_TH) else reference.moe_experts
     return fn(
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
-        weight_on_input,
+        weight_on_input, w_up_scale_EX, w_down_scale_EH,
     )  # fmt: skip
 
 
@@ -254,20 +268,41 @@ def _experts_backward_op(
     gate_softcap: float,
     up_softcap: float,
     weight_on_input: bool,
+    w_up_scale_EX: Optional[Tensor] = None,  # noqa: UP045
+    w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, routing weights, w_up, w_down, b_up, b_down); an absent bias gets [0].
 
     Grouped GEMMs (``backward.experts_backward``) where ``torch._grouped_mm`` takes the tensors,
-    else ``torch.func.vjp`` of the oracle (autograd's own tape is off inside a custom op).
+    else ``torch.func.vjp`` of the oracle (autograd's own tape is off inside a custom op). int8 /
+    int4 weights (with scales) are dequantised first and get no gradient (frozen weights).
     """
-    has_bu, has_bd = b_up_EX is not None, b_down_EH is not None
+    frozen = (False, False, w_up_scale_EX is not None, w_down_scale_EH is not None, False, False)
+    w_up_EXH = _dequantize(w_up_EXH, w_up_scale_EX, x_TH.dtype)
+    w_down_EHF = _dequantize(w_down_EHF, w_down_scale_EH, x_TH.dtype)
     grads = backward.experts_backward(
         grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input,
     )  # fmt: skip
-    if grads is not None:
-        return tuple(grad_y_TH.new_empty(0) if g is None else g.contiguous() for g in grads)
+    if grads is None:
+        grads = _experts_vjp(
+            grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX,
+            b_down_EH, first_expert_id, activation, glu_form, limit, alpha, gate_softcap,
+            up_softcap, weight_on_input,
+        )  # fmt: skip
+    return tuple(
+        grad_y_TH.new_empty(0) if g is None or skip else g.contiguous()
+        for g, skip in zip(grads, frozen, strict=True)
+    )
+
+
+def _experts_vjp(
+    grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
+    first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap, weight_on_input,
+):  # fmt: skip
+    """The expert gradients as ``torch.func.vjp`` of the oracle (an absent bias gets [0])."""
+    has_bu, has_bd = b_up_EX is not None, b_down_EH is not None
 
     def forward(x, w, wu, wd, bu, bd):
         return reference.moe_experts(
@@ -282,31 +317,40 @@ def _experts_backward_op(
         b_up_EX if has_bu else empty, b_down_EH if has_bd else empty,
     )  # fmt: skip
     _, vjp = torch.func.vjp(forward, *primals)
-    return tuple(g.contiguous() for g in vjp(grad_y_TH))
+    return vjp(grad_y_TH)
 
 
 @_experts_backward_op.register_fake
-def _(grad_y_TH, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *args):
-    def like(t):
-        return grad_y_TH.new_empty(0) if t is None else torch.empty_like(t)
+def _(grad_y_TH, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *options, **scales):
+    # the dispatcher may leave defaulted trailing arguments out: name the scales, do not count
+    names = ("w_up_scale_EX", "w_down_scale_EH")
+    given = dict(zip(names, options[8:], strict=False)) | scales
+    s_up, s_down = (given.get(n) for n in names)
 
-    return tuple(like(t) for t in (x_TH, w_TK, w_up, w_down, b_up, b_down))
+    def like(t, frozen=False):
+        return grad_y_TH.new_empty(0) if t is None or frozen else torch.empty_like(t)
+
+    weights = (like(w_up, s_up is not None), like(w_down, s_down is not None))
+    return (like(x_TH), like(w_TK), *weights, like(b_up), like(b_down))
 
 
 def _experts_setup(ctx, inputs, output):
-    x, ids, w, w_up, w_down, b_up, b_down, *options = inputs
+    x, ids, w, w_up, w_down, b_up, b_down, *rest = inputs
+    options, (s_up, s_down) = rest[:8], (tuple(rest[8:]) + (None, None))[:2]
     ctx.options = options
-    ctx.save_for_backward(x, ids, w, w_up, w_down, b_up, b_down)
+    ctx.save_for_backward(x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down)
 
 
 def _experts_backward(ctx, grad_y_TH):
-    x, ids, w, w_up, w_down, b_up, b_down = ctx.saved_tensors
+    x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down = ctx.saved_tensors
     dx, dw, dwu, dwd, dbu, dbd = _experts_backward_op(
-        grad_y_TH.contiguous(), x, ids, w, w_up, w_down, b_up, b_down, *ctx.options
+        grad_y_TH.contiguous(), x, ids, w, w_up, w_down, b_up, b_down, *ctx.options, s_up, s_down
     )
+    dwu = dwu if s_up is None else None  # int8 weights are frozen
+    dwd = dwd if s_down is None else None
     dbu = dbu if b_up is not None else None
     dbd = dbd if b_down is not None else None
-    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 8
+    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 10
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -328,6 +372,8 @@ def moe_experts(
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
     weight_on_input: bool = False,
+    w_up_scale_EX: Tensor | None = None,
+    w_down_scale_EH: Tensor | None = None,
 ) -> Tensor:
     """y_TH = Σ_k w_tk · expert_{id_tk}(x_t) over the slots of this expert group. Differentiable.
 
@@ -348,6 +394,11 @@ def moe_experts(
             | softcap_sigmoid gc*tanh(g/gc)*sigmoid(g)*uc*tanh(u/uc) | none: act(up) (plain MLP).
         limit, alpha, gate_softcap, up_softcap: parameters of the GLU form (L, alpha, gc, uc).
         weight_on_input: the routing weight scales the expert input (Llama-4) instead of its output.
+        w_up_scale_EX, w_down_scale_EH: weight-only quantisation: the weights are int8, or int4
+            packed two per byte along the input dimension (uint8, low nibble = even column,
+            value = nibble - 8), and weight row r is ``w[..., r, :] * scale[..., r]`` (float32
+            scales); the kernels multiply the integer tiles in the activations' dtype and scale
+            the accumulators. Such weights get no gradient.
 
     Returns:
         y_TH [T, H] in x's dtype.
@@ -358,5 +409,5 @@ def moe_experts(
     return op(
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
-        weight_on_input,
+        weight_on_input, w_up_scale_EX, w_down_scale_EH,
     )  # fmt: skip

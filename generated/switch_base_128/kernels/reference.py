@@ -257,6 +257,15 @@ def expert_mlp(
     return F.linear(h, w_down_HF, b_down_H)
 
 
+def dequantize(q: torch.Tensor, scale_R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Weight rows ``q[..., r, :] * scale_R[..., r]`` in ``dtype``. ``q`` is int8, or int4 packed
+    two per byte along the last dimension (uint8: low nibble = even column, value = nibble - 8)."""
+    if q.dtype == torch.uint8:
+        low, high = (q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
+        q = torch.stack([low, high], dim=-1).flatten(-2)
+    return (q.float() * scale_R.float().unsqueeze(-1)).to(dtype)
+
+
 def moe_experts(
     x_TH: torch.Tensor,
     topk_ids_TK: torch.Tensor,
@@ -273,12 +282,19 @@ def moe_experts(
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
     weight_on_input: bool = False,
+    w_up_scale_EX: torch.Tensor | None = None,
+    w_down_scale_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y_TH = Σ_k w_tk · expert_{id_tk}(x_t)`` over the slots whose id is in [first, first+E).
 
     With ``weight_on_input`` the weight scales the expert input instead: ``expert(w_tk · x_t)``.
-    Differentiable in x, the routing weights and every weight and bias.
+    With scales the weights are int8 or packed int4 rows times float32 scales (weight-only
+    quantisation, see ``dequantize``), dequantised to x's dtype here. Differentiable in x, the routing weights and every float weight and bias.
     """
+    if w_up_scale_EX is not None:
+        w_up_EXH = dequantize(w_up_EXH, w_up_scale_EX, x_TH.dtype)
+    if w_down_scale_EH is not None:
+        w_down_EHF = dequantize(w_down_EHF, w_down_scale_EH, x_TH.dtype)
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E = w_up_EXH.shape[0]

@@ -30,7 +30,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from .configs import GemmConfig, MoeConfig, _fit, default_config
 from .ops import moe_experts_triton
 
-MAX_PER_GEMM = 20  # candidates per GEMM and token count (two passes: <= 40 timed configs)
+MAX_PER_GEMM = 20  # candidates per GEMM and token count (3 passes: <= 2 + 40 timed configs)
 MAX_REL_ERR = 1e-2  # a candidate's output vs the default's (bf16 sums in another order: ~1e-3)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,6 +70,18 @@ def candidates(c: GemmConfig, reduce_dim: int, out_dim: int, fp32: bool) -> list
         if n not in out:
             out.append(n)
     return out[:MAX_PER_GEMM]
+
+
+def joint_candidates(c: MoeConfig) -> list[MoeConfig]:
+    """Both GEMMs' block_m halved or doubled together. The slots are padded to the larger block_m,
+    so moving one GEMM's alone never changes the padding; at ~BLOCK_M rows per expert a smaller
+    block on both sides wastes far fewer rows (DeepSeek-V3 at T=4096, ~128 rows per expert: 32% of
+    the rows are padding at 128, 19% at 64)."""
+    out = []
+    for block_m in (c.block_m // 2, c.block_m * 2):
+        if 16 <= block_m <= 256:
+            out.append(MoeConfig(replace(c.up, block_m=block_m), replace(c.down, block_m=block_m)))
+    return out
 
 
 def random_problem(T, H, F, E, K, dtype, glu=True, seed=0):
@@ -130,11 +142,16 @@ def tune(
         y_ref = run(base)
         base_ms = _time(lambda b=base: run(b), rep_ms)
         best, best_ms, tried = base, base_ms, 0
-        for side in ("up", "down"):
-            cur = getattr(best, side)
-            dims = (H, F) if side == "up" else (F, H)
-            for c in candidates_fn(cur, *dims, fp32):
-                cfg = replace(best, **{side: c})
+        for side in ("both", "up", "down"):
+            if side == "both":
+                moves = joint_candidates(best)
+            else:
+                dims = (H, F) if side == "up" else (F, H)
+                moves = [
+                    replace(best, **{side: c})
+                    for c in candidates_fn(getattr(best, side), *dims, fp32)
+                ]
+            for cfg in moves:
                 if cfg == best:
                     continue
                 tried += 1
