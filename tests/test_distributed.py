@@ -188,7 +188,7 @@ def _dispatch_log(dispatcher):
     """Log (topk_ids_TK, what it returned) of the hierarchical dispatches and flat all-to-all
     routes (``_route``: the units of every chunk) made inside."""
     log, ids_at = [], {"_dispatch_hierarchical": 1, "_route": 0}  # topk_ids_TK among the args
-    reals = {name: getattr(dispatcher, name) for name in ids_at}
+    reals = {name: getattr(dispatcher, name) for name in ids_at if hasattr(dispatcher, name)}
 
     def spy(real, at):
         def call(*args):
@@ -198,12 +198,12 @@ def _dispatch_log(dispatcher):
 
         return call
 
-    for name, at in ids_at.items():
-        setattr(dispatcher, name, spy(reals[name], at))
+    for name, real in reals.items():  # the package has only its own dispatch's methods
+        setattr(dispatcher, name, spy(real, ids_at[name]))
     try:
         yield log
     finally:
-        for name in ids_at:
+        for name in reals:
             delattr(dispatcher, name)
 
 

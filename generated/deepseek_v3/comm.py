@@ -10,18 +10,20 @@ Shapes: T tokens of this rank, K slots per token, S = T·K slots, U units sent (
 it carries), R rows received by a hop, H hidden, G ep ranks, C chunks.
 
 Dispatch (hierarchical): every kept slot (id >= 0) is computed on an ep rank holding its expert (a
-replicated expert's slots alternate between its copies by token index). The all-to-alls move a
-token's row as a unit, once per destination rank, with the expert ids and routing weights of the
-slots it carries there, K wide (-1 and 0 in the other places): a token with two experts on one rank
-sends its row there once. The experts take the rows as they come (``experts(x_UH, expert_UK,
-weight_UK)`` sums a row's weighted outputs), so combine returns one row per unit too and sums them
-per token. The hierarchical all-to-all also moves a token across the nodes once per destination
-node, whatever its slots there (``Dispatcher._dispatch_hierarchical``). The exchanges of activations are autograd
-functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔ all-reduce),
-so gradients flow through them, to the routing weights too: they are applied where the experts are.
+replicated expert's slots alternate between its copies by token index).
+The all-to-alls move a token's row as a unit, once per destination rank, with the expert ids and
+routing weights of the slots it carries there, K wide (-1 and 0 in the other places): a token with
+two experts on one rank sends its row there once. The experts take the rows as they come
+(``experts(x_UH, expert_UK, weight_UK)`` sums a row's weighted outputs), so combine returns one row
+per unit too and sums them per token.
+The hierarchical all-to-all also moves a token across the nodes once per destination node, whatever
+its slots there (``Dispatcher._dispatch_hierarchical``).
+The exchanges of activations are autograd functions (all-to-all ↔ all-to-all back, all-gather ↔
+sum of the slices, all-reduce ↔ all-reduce), so gradients flow through them, to the routing weights
+too: they are applied where the experts are.
 
-``Dispatcher.run`` is the layer's schedule: it overlaps the shared expert with the dispatch and, with
-the flat all-to-all, pipelines the tokens in CHUNKS chunks through dispatch → experts → combine.
+``Dispatcher.run`` is the layer's schedule, in one chunk: dispatch (the shared expert runs while the
+rows cross the nodes) → experts → combine.
 """
 
 import json
@@ -177,14 +179,6 @@ def _exchange(
     return _AllToAll.apply(rows, send_counts, recv_counts, group)
 
 
-def _start_exchange(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group):
-    """Start a differentiable all-to-all -> (out, work); read ``out`` only after ``work.wait()``.
-    On NCCL the wait makes the current stream wait; on gloo it blocks until the rows are in."""
-    works = []
-    out = _AllToAll.apply(rows, send_counts, recv_counts, group, works)
-    return out, works[0]
-
-
 def _nothing() -> None:
     """The default ``meanwhile``: no work to overlap."""
 
@@ -196,6 +190,18 @@ def _run_experts(experts, x_UH, expert_UK, weight_UK) -> torch.Tensor:
     if x_UH.shape[0] == 0:
         return x_UH.float()
     return experts(x_UH, expert_UK, weight_UK)
+
+
+class Hop(NamedTuple):
+    """One exchange of a dispatch, kept for its combine: ``send[g]`` rows went to member g of
+    ``group``, ``recv[g]`` came from it; sent row i was row ``parent_U[i]`` of the ``parents`` rows
+    before the hop, where combine sums what comes back for it."""
+
+    send: list[int]
+    recv: list[int]
+    group: object
+    parent_U: torch.Tensor
+    parents: int
 
 
 def _exchange_ids(
@@ -212,18 +218,6 @@ def _counts(send_G: torch.Tensor, group) -> list[int]:
     return recv_G.tolist()
 
 
-class Hop(NamedTuple):
-    """One exchange of a dispatch, kept for its combine: ``send[g]`` rows went to member g of
-    ``group``, ``recv[g]`` came from it; sent row i was row ``parent_U[i]`` of the ``parents`` rows
-    before the hop, where combine sums what comes back for it."""
-
-    send: list[int]
-    recv: list[int]
-    group: object
-    parent_U: torch.Tensor
-    parents: int
-
-
 def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor):
     """Group each row's kept slots (code >= 0) by where they go next: one unit per (row, dest),
     sorted by dest, then row -> (row_U, dest_U, code_UK, weight_UK). A unit carries its row once
@@ -235,22 +229,6 @@ def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor
     code_UK = code_RK.new_full((units, K), -1).index_put((unit_S, k_S), code_RK[row_S, k_S])
     weight_UK = weight_RK.new_zeros((units, K)).index_put((unit_S, k_S), weight_RK[row_S, k_S])
     return key_U % max(R, 1), key_U // max(R, 1), code_UK, weight_UK
-
-
-def _start_units(rows_UH, slots_U2K, send: list[int], recv: list[int], group):
-    """Start the all-to-all of units: rows and their slots (routing weights, then expert ids, K
-    each, in float32: the ids are small integers, exact there) in one autograd node, so the
-    weights' gradient goes back with the rows' -> (rows, slots, works): read them after every
-    ``work.wait()``."""
-    works = []
-    rows, slots = _AllToAll.apply(rows_UH, send, recv, group, works, slots_U2K)
-    return rows, slots, works
-
-
-def _split_slots(slots_U2K: torch.Tensor):
-    """The received slots of each unit -> (expert_UK global ids, -1: not this unit's; weight_UK)."""
-    K = slots_U2K.shape[1] // 2
-    return slots_U2K[:, K:].long(), slots_U2K[:, :K]
 
 
 class Dispatcher:
@@ -277,14 +255,13 @@ class Dispatcher:
         self.copies_E = torch.tensor([len(h) for h in holders])
         self.holder_EC = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders])
         self._device_tables = {}
-        if DISPATCH == "hierarchical":
-            node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
-            self.per_node = node_G.count(
-                node_G[0]
-            )  # ep ranks per node; ep rank g is on node g // per_node
-            self.node, self.nodes = ep_rank(rank) // self.per_node, EP // self.per_node
-            self.intra_group = _group(next(g for g in _all_groups()["intra"] if rank in g))
-            self.rail_group = _group(next(g for g in _all_groups()["rail"] if rank in g))
+        node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
+        self.per_node = node_G.count(
+            node_G[0]
+        )  # ep ranks per node; ep rank g is on node g // per_node
+        self.node, self.nodes = ep_rank(rank) // self.per_node, EP // self.per_node
+        self.intra_group = _group(next(g for g in _all_groups()["intra"] if rank in g))
+        self.rail_group = _group(next(g for g in _all_groups()["rail"] if rank in g))
 
     def replicated_experts(self) -> list[int]:
         """Experts held by more than one ep rank of this layer."""
@@ -299,126 +276,27 @@ class Dispatcher:
     ):
         """-> (x_UH, expert_UK, weight_UK, state): the rows this rank's experts must compute, each
         with the global expert ids (-1: none) and routing weights of its slots here, in one chunk.
-        ``meanwhile()`` runs while the rows are on the wire (all-gather: after them);
-        ``state["meanwhile"]`` holds what it returned, ``state["hops"][0]`` the rows sent and
-        received per ep rank (flat all-to-all: one per (token, rank) pair)."""
-        meanwhile = meanwhile if meanwhile is not None else _nothing
+        ``meanwhile()`` runs while the rows are on the wire; ``state["meanwhile"]`` holds what it returned.
+        """
         token_counts = None
         if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
             x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
                 x_TH, topk_ids_TK, topk_weights_TK
             )
-        if DISPATCH == "all_gather":
-            x_UH, expert_UK, weight_UK, state = self._dispatch_all_gather(
-                x_TH, topk_ids_TK, topk_weights_TK, token_counts
-            )
-            return x_UH, expert_UK, weight_UK, state | {"meanwhile": meanwhile()}
-        if DISPATCH == "hierarchical":
-            return self._dispatch_hierarchical(
-                x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile
-            )
-        route = self._route(topk_ids_TK, topk_weights_TK, chunks=1)
-        send, recv = route["send_CG"][0], route["recv_CG"][0]
-        x_UH, slots_U2K, works = _start_units(
-            x_TH[route["token_U"]], route["slots_U2K"], send, recv, self.ep_group
+        return self._dispatch_hierarchical(
+            x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile or _nothing
         )
-        state = {"hops": [Hop(send, recv, self.ep_group, route["token_U"], x_TH.shape[0])]}
-        state |= {"dtype": x_TH.dtype, "token_counts": token_counts, "meanwhile": meanwhile()}
-        for work in works:
-            work.wait()
-        return x_UH, *_split_slots(slots_U2K), state
 
     def run(self, x_TH, topk_ids_TK, topk_weights_TK, experts, meanwhile=None):
-        """The routed path of the layer -> (y_TH float32 [T, H], what ``meanwhile()`` returned).
-
-        ``experts(x_UH, expert_UK, weight_UK)`` -> out_UH float32: for each row this rank receives,
-        the sum over its slots (expert id >= 0) of the routing weight times that expert's output.
-        ``meanwhile`` (no arguments: the shared expert) runs while routed rows are on the wire. The
-        flat all-to-all pipelines CHUNKS chunks of tokens:
-
-            the counts of every chunk: one small all-to-all, one host sync
-            send every chunk (rows, then their slots) ─ meanwhile()
-            for each chunk i: wait for chunk i ─ experts(chunk i) ─ send chunk i's outputs back
-            wait for the outputs, sum them per token
-
-        so chunk i+1 travels while the experts compute chunk i, and chunk i's outputs travel back
-        while later chunks compute. All the sends are queued first: on one NCCL stream they run back
-        to back and none waits for compute queued before it. Hierarchical dispatch runs one chunk
-        with ``meanwhile`` beside its inter-node hop; all-gather runs it after the gathers.
-        """
-        if DISPATCH != "all_to_all":
-            x_UH, expert_UK, weight_UK, state = self.dispatch(
-                x_TH, topk_ids_TK, topk_weights_TK, meanwhile
-            )
-            out_UH = _run_experts(experts, x_UH, expert_UK, weight_UK)
-            return self.combine(out_UH, state, x_TH.shape[0]), state["meanwhile"]
-        token_counts = None
-        if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
-            x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
-                x_TH, topk_ids_TK, topk_weights_TK
-            )
-        route = self._route(topk_ids_TK, topk_weights_TK, CHUNKS)
-        send_CG, recv_CG = route["send_CG"], route["recv_CG"]
-        sizes_C = [sum(send_G) for send_G in send_CG]  # units this rank sends per chunk
-        token_C, slots_C = route["token_U"].split(sizes_C), route["slots_U2K"].split(sizes_C)
-        outbound = [
-            _start_units(x_TH[token_C[i]], slots_C[i], send_CG[i], recv_CG[i], self.ep_group)
-            for i in range(CHUNKS)
-        ]
-        extra = meanwhile() if meanwhile is not None else None
-        inbound = []
-        for i, (x_UH, slots_U2K, works) in enumerate(outbound):
-            for work in works:
-                work.wait()
-            out_UH = _run_experts(experts, x_UH, *_split_slots(slots_U2K))
-            # back along the same exchange, splits swapped; on the wire in the activations' dtype
-            inbound.append(
-                _start_exchange(out_UH.to(x_TH.dtype), recv_CG[i], send_CG[i], self.ep_group)
-            )
-        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        for (y_UH, work), token_U in zip(inbound, token_C, strict=True):
-            work.wait()
-            out_TH = out_TH.index_add(0, token_U, y_UH.float())  # summed in float32
-        return self._scatter_etp(out_TH, token_counts), extra
-
-    def _route(self, topk_ids_TK, topk_weights_TK, chunks: int) -> dict:
-        """Flat all-to-all: group the kept slots into units and exchange every chunk's counts at once.
-
-        Chunk c holds the tokens [c·T/chunks, (c+1)·T/chunks). A token sends one unit to each ep
-        rank computing any of its slots (dropped slots, id -1, go nowhere). Units go out grouped by
-        chunk, then destination, then token. One small all-to-all and one host sync (the split
-        sizes) for all chunks: the grouping compares a token's K slots pairwise rather than asking
-        the host how many units there are. Returns token_U (each unit's token, in sending order),
-        slots_U2K (its routing weights, then its global expert ids, float32), send_CG and recv_CG
-        (host lists: units per chunk and ep rank).
-        """
-        T, K = topk_ids_TK.shape
-        device = topk_ids_TK.device
-        token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, K)
-        kept_TK = topk_ids_TK >= 0
-        keys = chunks * EP  # a slot's key: chunk · EP + destination; a dropped slot's: keys
-        dest_TK = self._holder(topk_ids_TK.clamp(min=0), token_TK)
-        key_TK = torch.where(kept_TK, token_TK * chunks // max(T, 1) * EP + dest_TK, keys)
-        # with_TKK[t, k, j]: slot j of token t travels with slot k (same key, kept); the first slot
-        # of each key leads the unit
-        with_TKK = (key_TK.unsqueeze(2) == key_TK.unsqueeze(1)) & kept_TK.unsqueeze(1)
-        lead_TK = kept_TK & (with_TKK.int().argmax(2) == torch.arange(K, device=device))
-        unit_key_S = torch.where(lead_TK, key_TK, keys).reshape(-1)
-        order_S = torch.argsort(unit_key_S, stable=True)  # by chunk, destination, token
-        sent_per_key = torch.zeros(keys + 1, dtype=torch.long, device=device).index_add_(
-            0, unit_key_S, torch.ones_like(unit_key_S)
+        """The routed path of the layer -> (y_TH float32 [T, H], what ``meanwhile()`` returned):
+        ``dispatch``, ``experts(x_UH, expert_UK, weight_UK)`` (for each row received, the float32 sum
+        over its slots of the routing weight times that expert's output), ``combine``. One chunk;
+        ``meanwhile`` (the shared expert) runs while the rows cross the nodes."""
+        x_UH, expert_UK, weight_UK, state = self.dispatch(
+            x_TH, topk_ids_TK, topk_weights_TK, meanwhile
         )
-        # rank g receives send_GC[g]: how many units this rank sends it per chunk
-        send_GC = sent_per_key[:-1].view(chunks, EP).T.contiguous()
-        recv_GC = torch.empty_like(send_GC)
-        dist.all_to_all_single(recv_GC, send_GC, group=self.ep_group)
-        send_CG, recv_CG = torch.stack([send_GC.T, recv_GC.T]).tolist()
-        lead_U = order_S[: sum(map(sum, send_CG))]
-        token_U, with_UK = lead_U // K, with_TKK.reshape(T * K, K)[lead_U]
-        expert_UK = torch.where(with_UK, topk_ids_TK[token_U], -1)
-        weight_UK = torch.where(with_UK, topk_weights_TK[token_U].float(), 0.0)
-        slots_U2K = torch.cat([weight_UK, expert_UK.float()], dim=1)
-        return {"token_U": token_U, "slots_U2K": slots_U2K, "send_CG": send_CG, "recv_CG": recv_CG}
+        out_UH = _run_experts(experts, x_UH, expert_UK, weight_UK)
+        return self.combine(out_UH, state, x_TH.shape[0]), state["meanwhile"]
 
     def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
         """Hierarchical all-to-all: a token crosses to a node once, however many of its slots are there.
@@ -499,42 +377,11 @@ class Dispatcher:
         -> y_TH float32 [T, H]. All-to-alls go back hop by hop, summing (in float32) what returns
         into the rows it was sent from; on the wire in the activations' dtype, so a partial sum is
         rounded at most once per hop."""
-        if DISPATCH == "all_gather":
-            return self._combine_all_gather(y_UH, state)
         y_RH = y_UH.float()
         for hop in reversed(state["hops"]):  # back along each exchange, splits swapped
             y_UH = _exchange(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
             y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
         return self._scatter_etp(y_RH, state["token_counts"])
-
-    def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
-        """All-gather: every rank sees every token of its ep group and keeps those with slots it
-        computes, with the ids of those slots (-1 elsewhere), K wide."""
-        counts = _gather_counts(x_TH.shape[0], self.ep_group, x_TH.device)
-        xs = _all_gather_rows(x_TH, counts, self.ep_group)
-        ids = _all_gather_ids(topk_ids_TK, counts, self.ep_group)
-        ws = _all_gather_rows(topk_weights_TK.float(), counts, self.ep_group)
-        token_TK = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
-        mine_TK = (ids >= 0) & (
-            self._holder(ids.clamp(min=0), token_TK) == ep_rank(dist.get_rank())
-        )
-        token_U = torch.nonzero(mine_TK.any(1)).squeeze(1)  # the tokens with a slot computed here
-        state = {
-            "token_U": token_U,
-            "counts": counts,
-            "rows": ids.shape[0],
-            "token_counts": token_counts,
-        }
-        return xs[token_U], torch.where(mine_TK, ids, -1)[token_U], ws[token_U], state
-
-    def _combine_all_gather(self, y_UH, state):
-        out = y_UH.new_zeros((state["rows"], y_UH.shape[1]), dtype=torch.float32).index_add(
-            0, state["token_U"], y_UH.float()
-        )
-        out = _AllReduce.apply(out, self.ep_group)
-        me = self.ep_group_ranks.index(dist.get_rank())
-        start = sum(state["counts"][:me])
-        return self._scatter_etp(out[start : start + state["counts"][me]], state["token_counts"])
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):
         """Expert tensor parallelism: every member of the group computes its slice for all its tokens."""

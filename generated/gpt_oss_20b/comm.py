@@ -10,18 +10,18 @@ Shapes: T tokens of this rank, K slots per token, S = T·K slots, U units sent (
 it carries), R rows received by a hop, H hidden, G ep ranks, C chunks.
 
 Dispatch (all_to_all): every kept slot (id >= 0) is computed on an ep rank holding its expert (a
-replicated expert's slots alternate between its copies by token index). The all-to-alls move a
-token's row as a unit, once per destination rank, with the expert ids and routing weights of the
-slots it carries there, K wide (-1 and 0 in the other places): a token with two experts on one rank
-sends its row there once. The experts take the rows as they come (``experts(x_UH, expert_UK,
-weight_UK)`` sums a row's weighted outputs), so combine returns one row per unit too and sums them
-per token. The hierarchical all-to-all also moves a token across the nodes once per destination
-node, whatever its slots there (``Dispatcher._dispatch_hierarchical``). The exchanges of activations are autograd
-functions (all-to-all ↔ all-to-all back, all-gather ↔ sum of the slices, all-reduce ↔ all-reduce),
-so gradients flow through them, to the routing weights too: they are applied where the experts are.
+replicated expert's slots alternate between its copies by token index).
+The all-to-alls move a token's row as a unit, once per destination rank, with the expert ids and
+routing weights of the slots it carries there, K wide (-1 and 0 in the other places): a token with
+two experts on one rank sends its row there once. The experts take the rows as they come
+(``experts(x_UH, expert_UK, weight_UK)`` sums a row's weighted outputs), so combine returns one row
+per unit too and sums them per token.
+The exchanges of activations are autograd functions (all-to-all ↔ all-to-all back, all-gather ↔
+sum of the slices, all-reduce ↔ all-reduce), so gradients flow through them, to the routing weights
+too: they are applied where the experts are.
 
-``Dispatcher.run`` is the layer's schedule: it overlaps the shared expert with the dispatch and, with
-the flat all-to-all, pipelines the tokens in CHUNKS chunks through dispatch → experts → combine.
+``Dispatcher.run`` is the layer's schedule: it overlaps the shared expert with the dispatch and
+pipelines the tokens in CHUNKS chunks through dispatch → experts → combine.
 """
 
 import json
@@ -198,20 +198,6 @@ def _run_experts(experts, x_UH, expert_UK, weight_UK) -> torch.Tensor:
     return experts(x_UH, expert_UK, weight_UK)
 
 
-def _exchange_ids(
-    ids: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
-) -> torch.Tensor:
-    """All-to-all of integer ids, any trailing shape (no gradient)."""
-    return _all_to_all(ids, send_counts, recv_counts, group)
-
-
-def _counts(send_G: torch.Tensor, group) -> list[int]:
-    """Exchange per-destination row counts; returns how many rows arrive from each rank."""
-    recv_G = torch.empty_like(send_G)
-    dist.all_to_all_single(recv_G, send_G, group=group)
-    return recv_G.tolist()
-
-
 class Hop(NamedTuple):
     """One exchange of a dispatch, kept for its combine: ``send[g]`` rows went to member g of
     ``group``, ``recv[g]`` came from it; sent row i was row ``parent_U[i]`` of the ``parents`` rows
@@ -222,19 +208,6 @@ class Hop(NamedTuple):
     group: object
     parent_U: torch.Tensor
     parents: int
-
-
-def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor):
-    """Group each row's kept slots (code >= 0) by where they go next: one unit per (row, dest),
-    sorted by dest, then row -> (row_U, dest_U, code_UK, weight_UK). A unit carries its row once
-    with the codes and routing weights of its own slots, K wide (-1 and 0 in the other places)."""
-    R, K = code_RK.shape
-    row_S, k_S = torch.nonzero(code_RK >= 0, as_tuple=True)
-    key_U, unit_S = torch.unique(dest_RK[row_S, k_S] * R + row_S, return_inverse=True)  # sorted
-    units = key_U.shape[0]
-    code_UK = code_RK.new_full((units, K), -1).index_put((unit_S, k_S), code_RK[row_S, k_S])
-    weight_UK = weight_RK.new_zeros((units, K)).index_put((unit_S, k_S), weight_RK[row_S, k_S])
-    return key_U % max(R, 1), key_U // max(R, 1), code_UK, weight_UK
 
 
 def _start_units(rows_UH, slots_U2K, send: list[int], recv: list[int], group):
@@ -277,14 +250,6 @@ class Dispatcher:
         self.copies_E = torch.tensor([len(h) for h in holders])
         self.holder_EC = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders])
         self._device_tables = {}
-        if DISPATCH == "hierarchical":
-            node_G = [r // GPUS_PER_NODE for r in self.ep_group_ranks]
-            self.per_node = node_G.count(
-                node_G[0]
-            )  # ep ranks per node; ep rank g is on node g // per_node
-            self.node, self.nodes = ep_rank(rank) // self.per_node, EP // self.per_node
-            self.intra_group = _group(next(g for g in _all_groups()["intra"] if rank in g))
-            self.rail_group = _group(next(g for g in _all_groups()["rail"] if rank in g))
 
     def replicated_experts(self) -> list[int]:
         """Experts held by more than one ep rank of this layer."""
@@ -299,24 +264,20 @@ class Dispatcher:
     ):
         """-> (x_UH, expert_UK, weight_UK, state): the rows this rank's experts must compute, each
         with the global expert ids (-1: none) and routing weights of its slots here, in one chunk.
-        ``meanwhile()`` runs while the rows are on the wire (all-gather: after them);
-        ``state["meanwhile"]`` holds what it returned, ``state["hops"][0]`` the rows sent and
-        received per ep rank (flat all-to-all: one per (token, rank) pair)."""
-        meanwhile = meanwhile if meanwhile is not None else _nothing
+        ``meanwhile()`` runs while the rows are on the wire; ``state["meanwhile"]`` holds what it returned.
+        ``state["hops"][0]``: the rows sent and received per ep rank, one per (token, rank) pair.
+        """
         token_counts = None
         if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
             x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
                 x_TH, topk_ids_TK, topk_weights_TK
             )
-        if DISPATCH == "all_gather":
-            x_UH, expert_UK, weight_UK, state = self._dispatch_all_gather(
-                x_TH, topk_ids_TK, topk_weights_TK, token_counts
-            )
-            return x_UH, expert_UK, weight_UK, state | {"meanwhile": meanwhile()}
-        if DISPATCH == "hierarchical":
-            return self._dispatch_hierarchical(
-                x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile
-            )
+        return self._dispatch_all_to_all(
+            x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile or _nothing
+        )
+
+    def _dispatch_all_to_all(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
+        """``dispatch`` with the flat all-to-all, in one chunk: one unit per (token, rank)."""
         route = self._route(topk_ids_TK, topk_weights_TK, chunks=1)
         send, recv = route["send_CG"][0], route["recv_CG"][0]
         x_UH, slots_U2K, works = _start_units(
@@ -343,15 +304,8 @@ class Dispatcher:
 
         so chunk i+1 travels while the experts compute chunk i, and chunk i's outputs travel back
         while later chunks compute. All the sends are queued first: on one NCCL stream they run back
-        to back and none waits for compute queued before it. Hierarchical dispatch runs one chunk
-        with ``meanwhile`` beside its inter-node hop; all-gather runs it after the gathers.
+        to back and none waits for compute queued before it.
         """
-        if DISPATCH != "all_to_all":
-            x_UH, expert_UK, weight_UK, state = self.dispatch(
-                x_TH, topk_ids_TK, topk_weights_TK, meanwhile
-            )
-            out_UH = _run_experts(experts, x_UH, expert_UK, weight_UK)
-            return self.combine(out_UH, state, x_TH.shape[0]), state["meanwhile"]
         token_counts = None
         if self.etp_group is not None:  # the expert-tp group computes the union of its tokens
             x_TH, topk_ids_TK, topk_weights_TK, token_counts = self._gather_etp(
@@ -420,66 +374,6 @@ class Dispatcher:
         slots_U2K = torch.cat([weight_UK, expert_UK.float()], dim=1)
         return {"token_U": token_U, "slots_U2K": slots_U2K, "send_CG": send_CG, "recv_CG": recv_CG}
 
-    def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
-        """Hierarchical all-to-all: a token crosses to a node once, however many of its slots are there.
-
-        The rows travel as units: a row with the codes (ep rank · NUM_EXPERTS + expert; -1: not this
-        unit's) and routing weights of the slots it carries, K wide. Three hops:
-          1. in this node: a token's unit for another node goes to the rank on rail token % per_node
-             (tokens alternate rails, so a node's traffic spreads over all its NICs); its slots on
-             this node go straight to their ranks, one unit per (token, rank);
-          2. along the rail across nodes, one row per (token, node); ``meanwhile()`` runs meanwhile;
-          3. in the destination node, one unit per (token, rank) to the ranks computing its slots.
-        The experts take the units of the last hop as they are (one row per (token, rank)), and
-        combine sums a token's outputs per node before they go back: they cross the nodes as one row
-        per (token, node) too.
-        """
-        T, K = topk_ids_TK.shape
-        expert_TK = topk_ids_TK.clamp(min=0)
-        token_TK = torch.arange(T, device=x_TH.device).unsqueeze(1).expand(T, K)
-        dest_TK = self._holder(expert_TK, token_TK)
-        code_TK = torch.where(topk_ids_TK >= 0, dest_TK * NUM_EXPERTS + expert_TK, -1)
-        node_TK, local_TK = dest_TK // self.per_node, dest_TK % self.per_node
-        rail_TK = torch.where(node_TK == self.node, local_TK, token_TK % self.per_node)
-        token_U, via_U, code_UK, weight_UK = _units(
-            rail_TK * self.nodes + node_TK, code_TK, topk_weights_TK.float()
-        )
-        (rows_RH, code_RK, weight_RK), hop_1, _ = self._hop(
-            x_TH, token_U, code_UK, weight_UK, via_U // self.nodes, self.intra_group
-        )
-        node_R = code_RK.amax(1) // (NUM_EXPERTS * self.per_node)  # every code of a unit: one node
-        parent_R = torch.arange(rows_RH.shape[0], device=x_TH.device)
-        (rows_RH, code_RK, weight_RK), hop_2, extra = self._hop(
-            rows_RH, parent_R, code_RK, weight_RK, node_R, self.rail_group, meanwhile
-        )
-        row_U, local_U, code_UK, weight_UK = _units(
-            (code_RK // NUM_EXPERTS) % self.per_node, code_RK, weight_RK
-        )
-        (rows_RH, code_RK, weight_RK), hop_3, _ = self._hop(
-            rows_RH, row_U, code_UK, weight_UK, local_U, self.intra_group
-        )
-        state = {"hops": [hop_1, hop_2, hop_3], "dtype": x_TH.dtype, "token_counts": token_counts}
-        expert_RK = torch.where(code_RK >= 0, code_RK % NUM_EXPERTS, -1)
-        return rows_RH, expert_RK, weight_RK, state | {"meanwhile": extra}
-
-    def _hop(self, rows_RH, parent_U, code_UK, weight_UK, dest_U, group, meanwhile=None):
-        """Send units to the members ``dest_U`` of ``group``: unit i is row ``parent_U[i]`` of rows_RH
-        with codes code_UK[i] and weights weight_UK[i] -> ((rows, codes, weights) received, the Hop,
-        what ``meanwhile()`` returned: it runs while the rows and weights are on the wire)."""
-        order_U = torch.argsort(dest_U, stable=True)
-        send_G = torch.bincount(dest_U, minlength=dist.get_world_size(group))
-        send, recv = send_G.tolist(), _counts(send_G, group)
-        parent_U = parent_U[order_U]
-        works = [] if meanwhile is not None else None
-        rows, weights = _AllToAll.apply(
-            rows_RH[parent_U], send, recv, group, works, weight_UK[order_U]
-        )
-        extra = meanwhile() if meanwhile is not None else None
-        codes = _exchange_ids(code_UK[order_U], send, recv, group)
-        for work in works or ():
-            work.wait()
-        return (rows, codes, weights), Hop(send, recv, group, parent_U, rows_RH.shape[0]), extra
-
     def _tables(self, device) -> dict:
         """The routing tables on ``device``, copied once."""
         if self._device_tables.get("device") != device:
@@ -499,42 +393,11 @@ class Dispatcher:
         -> y_TH float32 [T, H]. All-to-alls go back hop by hop, summing (in float32) what returns
         into the rows it was sent from; on the wire in the activations' dtype, so a partial sum is
         rounded at most once per hop."""
-        if DISPATCH == "all_gather":
-            return self._combine_all_gather(y_UH, state)
         y_RH = y_UH.float()
         for hop in reversed(state["hops"]):  # back along each exchange, splits swapped
             y_UH = _exchange(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
             y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
         return self._scatter_etp(y_RH, state["token_counts"])
-
-    def _dispatch_all_gather(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts):
-        """All-gather: every rank sees every token of its ep group and keeps those with slots it
-        computes, with the ids of those slots (-1 elsewhere), K wide."""
-        counts = _gather_counts(x_TH.shape[0], self.ep_group, x_TH.device)
-        xs = _all_gather_rows(x_TH, counts, self.ep_group)
-        ids = _all_gather_ids(topk_ids_TK, counts, self.ep_group)
-        ws = _all_gather_rows(topk_weights_TK.float(), counts, self.ep_group)
-        token_TK = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
-        mine_TK = (ids >= 0) & (
-            self._holder(ids.clamp(min=0), token_TK) == ep_rank(dist.get_rank())
-        )
-        token_U = torch.nonzero(mine_TK.any(1)).squeeze(1)  # the tokens with a slot computed here
-        state = {
-            "token_U": token_U,
-            "counts": counts,
-            "rows": ids.shape[0],
-            "token_counts": token_counts,
-        }
-        return xs[token_U], torch.where(mine_TK, ids, -1)[token_U], ws[token_U], state
-
-    def _combine_all_gather(self, y_UH, state):
-        out = y_UH.new_zeros((state["rows"], y_UH.shape[1]), dtype=torch.float32).index_add(
-            0, state["token_U"], y_UH.float()
-        )
-        out = _AllReduce.apply(out, self.ep_group)
-        me = self.ep_group_ranks.index(dist.get_rank())
-        start = sum(state["counts"][:me])
-        return self._scatter_etp(out[start : start + state["counts"][me]], state["token_counts"])
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):
         """Expert tensor parallelism: every member of the group computes its slice for all its tokens."""
