@@ -7,7 +7,9 @@
 #           moec build bench/multi_gpu/mixtral_ep2_chunks4.yaml --out-dir bench/generated
 #   there:  bash bench/multi_gpu/run_all.sh   (carry bench/generated; logs go to $OUT or ./out)
 #
-# `launch/torchrun.sh bench` prints each phase's measured time next to the plan's prediction.
+# `launch/torchrun.sh bench` prints each phase's median (dispatch / experts / combine in one chunk,
+# and the whole forward on the plan's schedule); compare with `moec plan` of the same spec with
+# workload.tokens_per_rank = T.
 set -uo pipefail
 
 out="${OUT:-out}"
