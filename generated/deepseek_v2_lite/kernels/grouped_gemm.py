@@ -10,6 +10,10 @@
 - ``down_proj``: o[slot(p)] = w_slot · (h[p] @ w_down[e].T + b): rows go straight to token order.
 - ``combine``: y[t] = Σ_k o[t*K + k] over the slots of this group.
 
+Weight-only quantised experts (int8, fp8 e4m3, int4 packed two per byte) load their stored tiles,
+convert them to the activations' dtype in registers and multiply the accumulators by each weight
+row's scale, so the weights stream at their stored size.
+
 Combine strategy: the down GEMM writes a [N, H] buffer in slot order (every slot written at most
 once), then ``combine`` sums each token's K rows in a fixed order. This is deterministic (atomics
 into y would make the float sum order vary run to run) and costs one extra pass over N*H elements
@@ -320,8 +324,8 @@ def up_proj(
 
     ``w_up_EXH`` is [E, 2F, H] (gate rows then up rows) for a GLU form, [E, F, H] for
     ``glu_form="none"``; with ``w_up_scale_EX`` (float32, one scale per row) weight-only int8
-    (int8 tensor) or int4 (uint8 [E, X, H // 2], two values per byte along H, low nibble first,
-    value = nibble - 8). ``topk_weights_N`` (float32 [T*K]) given = weight on input.
+    (int8), fp8 (float8_e4m3fn) or int4 (uint8 [E, X, H // 2], two values per byte along H, low
+    nibble first, value = nibble - 8). ``topk_weights_N`` (float32 [T*K]) given = weight on input.
     """
     T, H = x_TH.shape
     E, X, _ = w_up_EXH.shape
