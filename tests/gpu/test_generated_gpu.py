@@ -169,3 +169,31 @@ def test_generated_layer_compiles_and_replays_in_a_cuda_graph():
         graph.replay()
         torch.testing.assert_close(static_y, layer(x.flip(0)))
     del layer
+
+
+def test_mixed_precision_groups_through_the_kernels():
+    """bf16 / int8 / int4 / fp8 expert groups in one layer: the Triton kernels (integer and fp8
+    tiles, row scales on the accumulators) against the same layer's torch path (dequantised
+    weights), forward and the input gradient."""
+    pkg = load("mixed_precision")
+    free_memory()
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton")
+    x = torch.randn(512, pkg.layer.HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+    with torch.no_grad():
+        ids, w, _ = layer.route(x)
+    out = {}
+    for backend in ("triton", "torch"):
+        layer.backend = backend
+        xb = x.clone().requires_grad_()
+        y = layer.experts(xb, ids, w)
+        y.backward(gy)
+        out[backend] = (y.detach(), xb.grad)
+    errs = {
+        "y": rel_err(out["triton"][0], out["torch"][0]),
+        "dx": rel_err(out["triton"][1], out["torch"][1]),
+    }
+    print("mixed_precision", {k: f"{v:.1e}" for k, v in errs.items()})
+    assert max(errs.values()) <= TOL, errs
+    del layer
