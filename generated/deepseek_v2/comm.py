@@ -219,16 +219,22 @@ def _counts(send_G: torch.Tensor, group) -> list[int]:
 
 
 def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor):
-    """Group each row's kept slots (code >= 0) by where they go next: one unit per (row, dest),
-    sorted by dest, then row -> (row_U, dest_U, code_UK, weight_UK). A unit carries its row once
-    with the codes and routing weights of its own slots, K wide (-1 and 0 in the other places)."""
+    """Group each row's kept slots (code >= 0) by where they go next: one unit per (row, dest), led
+    by its first slot -> (row_S, dest_S, code_SK, weight_SK, lead_S) for every slot S = r·K + k;
+    the units are the slots where ``lead_S`` (``_hop`` sends only those, by dest, then row). A unit
+    carries its row once with the codes and routing weights of its own slots, K wide (-1 and 0 in
+    the other places). No host sync: a row's K slots are compared pairwise."""
     R, K = code_RK.shape
-    row_S, k_S = torch.nonzero(code_RK >= 0, as_tuple=True)
-    key_U, unit_S = torch.unique(dest_RK[row_S, k_S] * R + row_S, return_inverse=True)  # sorted
-    units = key_U.shape[0]
-    code_UK = code_RK.new_full((units, K), -1).index_put((unit_S, k_S), code_RK[row_S, k_S])
-    weight_UK = weight_RK.new_zeros((units, K)).index_put((unit_S, k_S), weight_RK[row_S, k_S])
-    return key_U % max(R, 1), key_U // max(R, 1), code_UK, weight_UK
+    kept_RK = code_RK >= 0
+    # with_RKK[r, k, j]: slot j of row r travels with slot k (both kept, same dest)
+    with_RKK = (
+        (dest_RK.unsqueeze(2) == dest_RK.unsqueeze(1)) & kept_RK.unsqueeze(1) & kept_RK.unsqueeze(2)
+    )
+    lead_RK = kept_RK & (with_RKK.int().argmax(2) == torch.arange(K, device=code_RK.device))
+    code_SK = torch.where(with_RKK, code_RK.unsqueeze(1), -1).reshape(R * K, K)
+    weight_SK = torch.where(with_RKK, weight_RK.unsqueeze(1), 0.0).reshape(R * K, K)
+    row_S = torch.arange(R, device=code_RK.device).repeat_interleave(K)
+    return row_S, dest_RK.reshape(-1), code_SK, weight_SK, lead_RK.reshape(-1)
 
 
 class Dispatcher:
@@ -319,34 +325,41 @@ class Dispatcher:
         code_TK = torch.where(topk_ids_TK >= 0, dest_TK * NUM_EXPERTS + expert_TK, -1)
         node_TK, local_TK = dest_TK // self.per_node, dest_TK % self.per_node
         rail_TK = torch.where(node_TK == self.node, local_TK, token_TK % self.per_node)
-        token_U, via_U, code_UK, weight_UK = _units(
+        token_S, via_S, code_SK, weight_SK, lead_S = _units(
             rail_TK * self.nodes + node_TK, code_TK, topk_weights_TK.float()
         )
         (rows_RH, code_RK, weight_RK), hop_1, _ = self._hop(
-            x_TH, token_U, code_UK, weight_UK, via_U // self.nodes, self.intra_group
+            x_TH, token_S, code_SK, weight_SK, via_S // self.nodes, self.intra_group, lead_S
         )
         node_R = code_RK.amax(1) // (NUM_EXPERTS * self.per_node)  # every code of a unit: one node
         parent_R = torch.arange(rows_RH.shape[0], device=x_TH.device)
         (rows_RH, code_RK, weight_RK), hop_2, extra = self._hop(
-            rows_RH, parent_R, code_RK, weight_RK, node_R, self.rail_group, meanwhile
+            rows_RH, parent_R, code_RK, weight_RK, node_R, self.rail_group, meanwhile=meanwhile
         )
-        row_U, local_U, code_UK, weight_UK = _units(
+        row_S, local_S, code_SK, weight_SK, lead_S = _units(
             (code_RK // NUM_EXPERTS) % self.per_node, code_RK, weight_RK
         )
         (rows_RH, code_RK, weight_RK), hop_3, _ = self._hop(
-            rows_RH, row_U, code_UK, weight_UK, local_U, self.intra_group
+            rows_RH, row_S, code_SK, weight_SK, local_S, self.intra_group, lead_S
         )
         state = {"hops": [hop_1, hop_2, hop_3], "dtype": x_TH.dtype, "token_counts": token_counts}
         expert_RK = torch.where(code_RK >= 0, code_RK % NUM_EXPERTS, -1)
         return rows_RH, expert_RK, weight_RK, state | {"meanwhile": extra}
 
-    def _hop(self, rows_RH, parent_U, code_UK, weight_UK, dest_U, group, meanwhile=None):
+    def _hop(
+        self, rows_RH, parent_U, code_UK, weight_UK, dest_U, group, lead_U=None, meanwhile=None
+    ):
         """Send units to the members ``dest_U`` of ``group``: unit i is row ``parent_U[i]`` of rows_RH
-        with codes code_UK[i] and weights weight_UK[i] -> ((rows, codes, weights) received, the Hop,
-        what ``meanwhile()`` returned: it runs while the rows and weights are on the wire)."""
-        order_U = torch.argsort(dest_U, stable=True)
-        send_G = torch.bincount(dest_U, minlength=dist.get_world_size(group))
+        with codes code_UK[i] and weights weight_UK[i] (only where ``lead_U``, if given) -> ((rows,
+        codes, weights) received, the Hop, what ``meanwhile()`` returned: it runs while the rows and
+        weights are on the wire). The host waits only for the split sizes."""
+        world = dist.get_world_size(group)
+        key_U = dest_U if lead_U is None else torch.where(lead_U, dest_U, world)  # others sort last
+        order_U = torch.argsort(key_U, stable=True)
+        send_G = torch.zeros(world + 1, dtype=torch.long, device=key_U.device)
+        send_G = send_G.index_add_(0, key_U, torch.ones_like(key_U))[:world]
         send, recv = send_G.tolist(), _counts(send_G, group)
+        order_U = order_U[: sum(send)]
         parent_U = parent_U[order_U]
         works = [] if meanwhile is not None else None
         rows, weights = _AllToAll.apply(
