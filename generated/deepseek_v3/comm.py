@@ -204,6 +204,18 @@ class Hop(NamedTuple):
     parents: int
 
 
+def _group_slots(key_RK: torch.Tensor, kept_RK: torch.Tensor):
+    """Units of a row's kept slots with equal keys, on the device (no host sync): ``with_RKK[r, k,
+    j]`` slot j of row r travels with slot k (both kept, same key); ``lead_RK``: the first slot of
+    each unit, which stands for it."""
+    K = key_RK.shape[1]
+    with_RKK = (
+        (key_RK.unsqueeze(2) == key_RK.unsqueeze(1)) & kept_RK.unsqueeze(1) & kept_RK.unsqueeze(2)
+    )
+    lead_RK = kept_RK & (with_RKK.int().argmax(2) == torch.arange(K, device=key_RK.device))
+    return with_RKK, lead_RK
+
+
 def _exchange_ids(
     ids: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
 ) -> torch.Tensor:
@@ -225,12 +237,7 @@ def _units(dest_RK: torch.Tensor, code_RK: torch.Tensor, weight_RK: torch.Tensor
     carries its row once with the codes and routing weights of its own slots, K wide (-1 and 0 in
     the other places). No host sync: a row's K slots are compared pairwise."""
     R, K = code_RK.shape
-    kept_RK = code_RK >= 0
-    # with_RKK[r, k, j]: slot j of row r travels with slot k (both kept, same dest)
-    with_RKK = (
-        (dest_RK.unsqueeze(2) == dest_RK.unsqueeze(1)) & kept_RK.unsqueeze(1) & kept_RK.unsqueeze(2)
-    )
-    lead_RK = kept_RK & (with_RKK.int().argmax(2) == torch.arange(K, device=code_RK.device))
+    with_RKK, lead_RK = _group_slots(dest_RK, code_RK >= 0)
     code_SK = torch.where(with_RKK, code_RK.unsqueeze(1), -1).reshape(R * K, K)
     weight_SK = torch.where(with_RKK, weight_RK.unsqueeze(1), 0.0).reshape(R * K, K)
     row_S = torch.arange(R, device=code_RK.device).repeat_interleave(K)

@@ -210,6 +210,18 @@ class Hop(NamedTuple):
     parents: int
 
 
+def _group_slots(key_RK: torch.Tensor, kept_RK: torch.Tensor):
+    """Units of a row's kept slots with equal keys, on the device (no host sync): ``with_RKK[r, k,
+    j]`` slot j of row r travels with slot k (both kept, same key); ``lead_RK``: the first slot of
+    each unit, which stands for it."""
+    K = key_RK.shape[1]
+    with_RKK = (
+        (key_RK.unsqueeze(2) == key_RK.unsqueeze(1)) & kept_RK.unsqueeze(1) & kept_RK.unsqueeze(2)
+    )
+    lead_RK = kept_RK & (with_RKK.int().argmax(2) == torch.arange(K, device=key_RK.device))
+    return with_RKK, lead_RK
+
+
 def _start_units(rows_UH, slots_U2K, send: list[int], recv: list[int], group):
     """Start the all-to-all of units: rows and their slots (routing weights, then expert ids, K
     each, in float32: the ids are small integers, exact there) in one autograd node, so the
@@ -353,10 +365,7 @@ class Dispatcher:
         keys = chunks * EP  # a slot's key: chunk · EP + destination; a dropped slot's: keys
         dest_TK = self._holder(topk_ids_TK.clamp(min=0), token_TK)
         key_TK = torch.where(kept_TK, token_TK * chunks // max(T, 1) * EP + dest_TK, keys)
-        # with_TKK[t, k, j]: slot j of token t travels with slot k (same key, kept); the first slot
-        # of each key leads the unit
-        with_TKK = (key_TK.unsqueeze(2) == key_TK.unsqueeze(1)) & kept_TK.unsqueeze(1)
-        lead_TK = kept_TK & (with_TKK.int().argmax(2) == torch.arange(K, device=device))
+        with_TKK, lead_TK = _group_slots(key_TK, kept_TK)  # a unit per (token, chunk, rank)
         unit_key_S = torch.where(lead_TK, key_TK, keys).reshape(-1)
         order_S = torch.argsort(unit_key_S, stable=True)  # by chunk, destination, token
         sent_per_key = torch.zeros(keys + 1, dtype=torch.long, device=device).index_add_(

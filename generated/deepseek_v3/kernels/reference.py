@@ -257,6 +257,18 @@ def expert_mlp(
     return F.linear(h, w_down_HF, b_down_H)
 
 
+def sort_slots(topk_ids_TK: torch.Tensor, num_experts: int, first_expert_id: int = 0):
+    """The slots (t·K + k) routed to local experts [0, E) of the group starting at
+    ``first_expert_id``, in expert order (stable: ascending slot within an expert)
+    -> (slot_N, expert_N local ids, counts_E)."""
+    e_S = topk_ids_TK.reshape(-1).long() - first_expert_id
+    valid_S = (topk_ids_TK.reshape(-1) >= 0) & (e_S >= 0) & (e_S < num_experts)
+    slot_N = torch.nonzero(valid_S).flatten()
+    slot_N = slot_N[torch.argsort(e_S[slot_N], stable=True)]
+    e_N = e_S[slot_N]
+    return slot_N, e_N, torch.bincount(e_N, minlength=num_experts)
+
+
 def dequantize(q: torch.Tensor, scale_R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Weight rows ``q[..., r, :] * scale_R[..., r]`` in ``dtype``. ``q`` is int8, or int4 packed
     two per byte along the last dimension (uint8: low nibble = even column, value = nibble - 8)."""
@@ -298,12 +310,8 @@ def moe_experts(
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E = w_up_EXH.shape[0]
-    e_N = topk_ids_TK.reshape(-1).long() - first_expert_id
-    valid = (topk_ids_TK.reshape(-1) >= 0) & (e_N >= 0) & (e_N < E)
-    slots = torch.nonzero(valid).flatten()
-    order = torch.argsort(e_N[slots], stable=True)
-    slots = slots[order]
-    counts = torch.bincount(e_N[slots], minlength=E).tolist()
+    slots, _, counts = sort_slots(topk_ids_TK, E, first_expert_id)
+    counts = counts.tolist()
     tok = slots // K
     rw = topk_weights_TK.reshape(-1)[slots].float()[:, None]
     xs = x_TH[tok]

@@ -88,13 +88,8 @@ def _backward(
     K = topk_ids_TK.shape[1]
     E, X, _ = w_up_EXH.shape
     dtype = x_TH.dtype
-    # This group's slots in expert order (stable: ascending slot within an expert).
-    e_S = topk_ids_TK.reshape(-1).long() - first
-    valid_S = (topk_ids_TK.reshape(-1) >= 0) & (e_S >= 0) & (e_S < E)
-    slot_N = torch.nonzero(valid_S).flatten()
-    slot_N = slot_N[torch.argsort(e_S[slot_N], stable=True)]
-    e_N, tok_N = e_S[slot_N], slot_N // K
-    counts_E = torch.bincount(e_N, minlength=E)
+    slot_N, e_N, counts_E = reference.sort_slots(topk_ids_TK, E, first)
+    tok_N = slot_N // K
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     rw_N1 = topk_weights_TK.reshape(-1)[slot_N].float()[:, None]
     if slot_N.numel() == 0:  # no row reaches this group: every gradient is zero
