@@ -80,13 +80,18 @@ def _glu(g, u, limit, alpha, gate_cap, up_cap, ACT: tl.constexpr, FORM: tl.const
 def _weight_tile(b, dtype, W_INT4: tl.constexpr):
     """A loaded weight tile in the activations' dtype. int4: ``b`` is [BLOCK_K // 2, BLOCK_N] bytes
     holding two values each along K (low nibble = even k, value = nibble - 8); int8 / fp8 e4m3 /
-    float: converted as is (int8, int4 and e4m3 values are exact in bf16 / fp16)."""
+    float: converted as is (int8, int4 and e4m3 values are exact in bf16 / fp16).
+
+    A nibble n becomes a float32 without an int-to-float conversion: the bits 0x4B000000 | n are
+    the float 2^23 + n, so one integer OR and one subtraction of 2^23 + 8 give n - 8 (15-20% faster
+    int4 layers at T <= 256 on an H200 than converting int8 values; bench/RESULTS.md, 2026-12-01)."""
     if W_INT4:
-        low = (b & 0xF).to(tl.int8) - 8
-        high = (b >> 4).to(tl.int8) - 8
+        low = (b & 0xF).to(tl.int32) | 0x4B000000
+        high = (b >> 4).to(tl.int32) | 0x4B000000
         pairs = tl.permute(tl.join(low, high), (0, 2, 1))  # [BLOCK_K // 2, 2, BLOCK_N]
-        b = tl.reshape(pairs, (2 * b.shape[0], b.shape[1]))
-    return b.to(dtype)
+        bits = tl.reshape(pairs, (2 * b.shape[0], b.shape[1]))
+        b = bits.to(tl.float32, bitcast=True) - 8388616.0  # 8388616 = 2^23 + 8
+    return b.to(dtype)  # one return: Triton 3.6 rejects a constexpr branch returning another shape
 
 
 # --------------------------------------------------------------------------------------------------
