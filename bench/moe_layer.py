@@ -62,7 +62,8 @@ def routing(T, E, K, g):
 def register(pkg, tables, H, F, E, K) -> bool:
     """Register the tuned table of (H, F, E, K) as the generated ``backend.kernels()`` would."""
     for t in tables:
-        if (t["hidden"], t["ffn"], t["experts"], t["top_k"]) == (H, F, E, K):
+        shape = (t["hidden"], t["ffn"], t["experts"], t["top_k"], t.get("weights", "dense"))
+        if shape == (H, F, E, K, "dense"):  # the benchmarked layers hold bf16 weights
             buckets = {int(b): c for b, c in t["buckets"].items()}
             pkg.backend.kernels().register_configs(H, F, E, K, buckets)
             return True

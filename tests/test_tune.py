@@ -91,6 +91,7 @@ def test_python_without_torch(tmp_path, capsys):
                                                                 "down": GEMM}})]},
             "fields must be",
         ),
+        ({"tables": [dict(TABLE["tables"][0], weights="int3")]}, r"weights: must be one of"),
     ],
 )  # fmt: skip
 def test_load_tuning_rejects(tmp_path, table, message):
@@ -102,7 +103,7 @@ def test_load_tuning_rejects(tmp_path, table, message):
 
 def test_load_tuning_reads_the_committed_table():
     (shape, buckets), *_ = load_tuning(ROOT / "bench/tuning/qwen3_30b_a3b_h100.json")
-    assert shape == (2048, 768, 128, 8)
+    assert shape == (2048, 768, 128, 8, "dense")  # written before "weights" existed: dense
     assert [b for b, _ in buckets] == [16, 256, 4096, 16384]
 
 
@@ -119,9 +120,9 @@ def test_tuned_build_registers_the_table(tmp_path):
         import tuned_tiny
         import tuned_tiny.tuning
 
-        assert tuned_tiny.tuning.CONFIGS[(32, 16, 4, 2)][64]["up"]["block_m"] == 32
+        assert tuned_tiny.tuning.CONFIGS[(32, 16, 4, 2, "dense")][64]["up"]["block_m"] == 32
         k = tuned_tiny.backend.kernels()
-        table = k.ops._CONFIG_TABLES[(32, 16, 4, 2)]
+        table = k.ops._CONFIG_TABLES[(32, 16, 4, 2, "dense")]
         assert k.pick_config(100, 32, 16, 4, 2, torch.float32, table).up.block_m == 32
         torch.manual_seed(0)
         layer = tuned_tiny.MoELayer(backend="triton")
@@ -132,3 +133,87 @@ def test_tuned_build_registers_the_table(tmp_path):
             torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
     finally:
         sys.path.remove(str(tmp_path / "pkg"))
+
+
+MIXED_SPEC = """name: tuned_mixed
+hidden: 32
+dtype: fp32
+experts:
+  - {name: dense, count: 4, ffn: 16}
+  - {name: q8, count: 4, ffn: 16, dtype: int8}
+router: {top_k: 2, normalize: sum}
+kernels: {tuning: tiles.json}
+"""
+MIXED_TABLE = {
+    "gpu": "hand-written",
+    "dtype": "float32",
+    "tables": [
+        dict(TABLE["tables"][0], weights="dense"),
+        {"hidden": 32, "ffn": 16, "experts": 4, "top_k": 2, "weights": "int8",
+         "buckets": {"1": {"up": dict(GEMM, block_n=32), "down": dict(GEMM, block_k=32)}}},
+    ],
+}  # fmt: skip
+
+
+def test_groups_of_one_shape_and_different_weight_formats_get_their_own_tiles(
+    tmp_path, monkeypatch
+):
+    """A bf16 and an int8 group of the same (H, F, E, K) are separate tuning entries: the tuner
+    lists both, the build registers both, and each call picks the table of its weights' format."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from moec.codegen import build_files, writer
+
+    spec_path = write(tmp_path, MIXED_TABLE, MIXED_SPEC)
+    spec, _, files = build_files(spec_path, tmp_path / "pkg" / "tuned_mixed")
+    writer.write_package(tmp_path / "pkg" / "tuned_mixed", files)
+    sys.path.insert(0, str(tmp_path / "pkg"))
+    try:
+        import tuned_mixed
+        from tuned_mixed.kernels import ops, tune
+
+        shapes = tune.plan_shapes(tuned_mixed.PLAN)
+        assert [s["shape"] for s in shapes] == [(32, 16, 4, 2, "dense"), (32, 16, 4, 2, "int8")]
+        assert shapes[1]["dtype"] == torch.bfloat16  # quantised groups: tuned with bf16 activations
+        k = tuned_mixed.backend.kernels()
+        assert set(k.ops._CONFIG_TABLES) == {(32, 16, 4, 2, "dense"), (32, 16, 4, 2, "int8")}
+
+        picked = []
+        pick = ops.pick_config
+        monkeypatch.setattr(ops, "pick_config", lambda *a: picked.append(a[-1]) or pick(*a))
+        torch.manual_seed(0)
+        layer = tuned_mixed.MoELayer(backend="triton")
+        ref = tuned_mixed.MoELayer(backend="torch")
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(5, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+        assert sorted(t[1]["up"]["block_n"] for t in picked) == [16, 32]  # dense and int8 tiles
+    finally:
+        sys.path.remove(str(tmp_path / "pkg"))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+def test_tuner_problems_store_the_weights_as_their_group(weights):
+    """The tuner times a quantised group on weights stored in its format, with row scales, and
+    the kernels run them (here under the interpreter)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
+    try:
+        from moe_kernels import tune
+        from moe_kernels.configs import GemmConfig, MoeConfig
+        from moe_kernels.ops import moe_experts_triton
+    finally:
+        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    x, ids, w, experts = tune.random_problem(
+        5, 32, 16, 4, 2, torch.float32, weights=weights, device="cpu"
+    )
+    stored = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[weights]
+    assert experts["w_up_EXH"].dtype == stored and experts["w_down_EHF"].dtype == stored
+    cols = 16 if weights == "int4" else 32  # int4: two values per byte
+    assert experts["w_up_EXH"].shape == (4, 32, cols)
+    assert experts["w_up_scale_EX"].shape == (4, 32) and experts["w_down_scale_EH"].shape == (4, 32)
+    config = MoeConfig(GemmConfig(16, 16, 32, 1, 4, 1), GemmConfig(16, 16, 16, 1, 4, 1))
+    y = moe_experts_triton(x, ids, w, **experts, config=config)
+    assert y.shape == (5, 32) and torch.isfinite(y).all() and y.abs().sum() > 0

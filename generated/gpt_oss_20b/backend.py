@@ -45,7 +45,7 @@ def kernels():
         from . import kernels as k
         from .tuning import CONFIGS
 
-        for (hidden, ffn, experts, top_k), table in CONFIGS.items():
-            k.register_configs(hidden, ffn, experts, top_k, table)
+        for (hidden, ffn, experts, top_k, weights), table in CONFIGS.items():
+            k.register_configs(hidden, ffn, experts, top_k, table, weights)
         _KERNELS.append(k)
     return _KERNELS[0]

@@ -113,11 +113,11 @@ class KernelPlan:
     """What the Triton backend runs: which parts have kernels, and the tuned tile tables."""
 
     routing_kernel: bool  # the fused routing kernel covers this router (else the torch router)
-    expert_kernel_groups: tuple[str, ...]  # groups run by the grouped GEMMs (quantised: torch)
+    expert_kernel_groups: tuple[str, ...]  # groups run by the grouped GEMMs
     tuning_source: str | None  # the moec tune file, or None: the kernels' heuristic
     tuning: tuple[
-        tuple[tuple[int, int, int, int], tuple[tuple[int, dict], ...]], ...
-    ]  # (H,F,E,K) -> buckets
+        tuple[tuple[int, int, int, int, str], tuple[tuple[int, dict], ...]], ...
+    ]  # (H, F, E, K, weights) -> buckets
     notes: tuple[str, ...]
 
 

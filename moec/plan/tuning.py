@@ -1,8 +1,12 @@
 """Tile tables measured by ``moec tune``: read and validate the JSON it writes.
 
 {"gpu": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
- "tables": [{"hidden": H, "ffn": F, "experts": E, "top_k": K,
+ "tables": [{"hidden": H, "ffn": F, "experts": E, "top_k": K, "weights": "dense",
              "buckets": {"16": {"up": {GemmConfig fields}, "down": {...}}, ...}}]}
+
+``weights`` (optional, "dense" when absent, as in tables written before it existed) is how the
+group's expert weights are stored: "dense" (in the activations' dtype) or the weight-only quantised
+"int8", "int4" or "fp8"; a dense and an int8 group of the same shape get separate tiles.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from moec.errors import UsageError
 
 GEMM_FIELDS = {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"}
 POW2 = {"block_m", "block_n", "block_k"}
+WEIGHTS = ("dense", "int8", "int4", "fp8")
 
-Table = tuple[tuple[tuple[int, int, int, int], tuple[tuple[int, dict], ...]], ...]
+Table = tuple[tuple[tuple[int, int, int, int, str], tuple[tuple[int, dict], ...]], ...]
 
 
 def load_tuning(path: Path) -> Table:
-    """((H, F, E, K), ((bucket, {"up": {...}, "down": {...}}), ...)), ...), sorted; UsageError if bad."""
+    """(((H, F, E, K, weights), ((bucket, {"up": {...}, "down": {...}}), ...)), ...), sorted;
+    UsageError if bad."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -29,6 +35,11 @@ def load_tuning(path: Path) -> Table:
         where = f"{path}: tables[{i}]"
         try:
             shape = tuple(int(table[k]) for k in ("hidden", "ffn", "experts", "top_k"))
+            weights = table.get("weights", "dense")
+            if weights not in WEIGHTS:
+                raise UsageError(
+                    f"{where}.weights: must be one of {list(WEIGHTS)} (got {weights!r})"
+                )
             buckets = tuple(
                 sorted(
                     (int(b), _config(c, f"{where}.buckets[{b}]"))
@@ -37,7 +48,7 @@ def load_tuning(path: Path) -> Table:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UsageError(f"{where}: malformed entry ({exc})") from None
-        out.append((shape, buckets))
+        out.append(((*shape, weights), buckets))
     return tuple(sorted(out))
 
 

@@ -35,13 +35,24 @@ from .configs import MoeConfig, pick_config
 
 NAMESPACE = (__package__ or "moe_kernels").replace(".", "_")
 
-# (H, F, E, K) -> {token bucket: MoeConfig}; see ``register_configs``.
-_CONFIG_TABLES: dict[tuple[int, int, int, int], dict] = {}
+# (H, F, E, K, weights) -> {token bucket: MoeConfig}; see ``register_configs``.
+_CONFIG_TABLES: dict[tuple[int, int, int, int, str], dict] = {}
+QUANTIZED_FORMATS = {torch.int8: "int8", torch.uint8: "int4", torch.float8_e4m3fn: "fp8"}
 
 
-def register_configs(H: int, F: int, E: int, K: int, table: dict) -> None:
-    """Use ``table`` ({token-count bucket: MoeConfig or dict}) for expert calls of this shape."""
-    _CONFIG_TABLES[(H, F, E, K)] = dict(table)
+def weight_format(w: Tensor) -> str:
+    """How an expert weight is stored: "dense" (in the activations' dtype), or the weight-only
+    quantised format "int8", "int4" (uint8, two values per byte) or "fp8" (e4m3)."""
+    return QUANTIZED_FORMATS.get(w.dtype, "dense")
+
+
+def register_configs(H: int, F: int, E: int, K: int, table: dict, weights: str = "dense") -> None:
+    """Use ``table`` ({token-count bucket: MoeConfig or dict}) for expert calls of this shape whose
+    weights are stored as ``weights`` (see ``weight_format``): the best tiles for int8 or int4
+    weights differ from those for bf16 ones of the same shape."""
+    if weights not in ("dense", *QUANTIZED_FORMATS.values()):
+        raise ValueError(f"weights must be 'dense', 'int8', 'int4' or 'fp8' (got {weights!r})")
+    _CONFIG_TABLES[(H, F, E, K, weights)] = dict(table)
 
 
 # Triton decides at decoration (import) time whether kernels are interpreted; follow the same
@@ -188,7 +199,7 @@ def moe_experts_triton(
     E, _, F = w_down_EHF.shape
     F *= 2 if w_down_EHF.dtype == torch.uint8 else 1  # int4: two values per byte
     if config is None:
-        table = _CONFIG_TABLES.get((H, F, E, K))
+        table = _CONFIG_TABLES.get((H, F, E, K, weight_format(w_down_EHF)))
         config = pick_config(T, H, F, E, K, x_TH.dtype, table)
     x_TH, w_up_EXH, w_down_EHF = x_TH.contiguous(), w_up_EXH.contiguous(), w_down_EHF.contiguous()
     b_up_EX = None if b_up_EX is None else b_up_EX.contiguous()

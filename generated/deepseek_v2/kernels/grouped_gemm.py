@@ -84,7 +84,8 @@ def _weight_tile(b, dtype, W_INT4: tl.constexpr):
 
     A nibble n becomes a float32 without an int-to-float conversion: the bits 0x4B000000 | n are
     the float 2^23 + n, so one integer OR and one subtraction of 2^23 + 8 give n - 8 (15-20% faster
-    int4 layers at T <= 256 on an H200 than converting int8 values; bench/RESULTS.md, 2026-12-01)."""
+    int4 layers at T <= 256 on an H200 than converting int8 values; bench/RESULTS.md, 2026-12-01).
+    """
     if W_INT4:
         low = (b & 0xF).to(tl.int32) | 0x4B000000
         high = (b >> 4).to(tl.int32) | 0x4B000000

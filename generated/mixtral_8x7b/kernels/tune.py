@@ -7,8 +7,10 @@
 ``tune`` times candidate ``MoeConfig``s of one shape end to end (align → up GEMM + GLU → down GEMM
 → combine, ``moe_experts_triton``) on a random routing (softmax of random logits → top-k → renorm),
 checks each candidate's output against the default config's, and keeps the fastest. The search is
-two coordinate passes around ``default_config``: the up GEMM's tiles with the default down config,
-then the down GEMM's with the winning up config (at most 2 × 20 candidates per token count).
+three coordinate passes around ``default_config``: both GEMMs' block_m halved or doubled together,
+then the up GEMM's tiles, then the down GEMM's with the winning up config (at most 2 + 2 × 20
+candidates per token count). Groups with weight-only int8 / int4 / fp8 weights are tuned with
+weights stored that way: converting the tiles in registers moves the best tiles.
 
 As a command, inside a generated package (``python -m <pkg>.kernels.tune --out tuning.json``), it
 reads the package's plan and writes the table format that ``moec build`` reads from the spec field
@@ -84,17 +86,42 @@ def joint_candidates(c: MoeConfig) -> list[MoeConfig]:
     return out
 
 
-def random_problem(T, H, F, E, K, dtype, glu=True, seed=0):
-    """x [T, H], routing (ids [T, K] int32, weights [T, K] f32), w_up [E, X, H], w_down [E, H, F]."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
-    logits = torch.randn(T, E, device="cuda", generator=g)
+def random_problem(T, H, F, E, K, dtype, glu=True, seed=0, weights="dense", device="cuda"):
+    """x [T, H], routing (ids [T, K] int32, weights [T, K] f32), and the expert weights as
+    ``{"w_up_EXH", "w_down_EHF"[, "w_up_scale_EX", "w_down_scale_EH"]}`` (keyword arguments of
+    ``moe_experts_triton``) stored as ``weights`` ("dense": in ``dtype``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+    logits = torch.randn(T, E, device=device, generator=g)
     w, ids = torch.softmax(logits, -1).topk(K, dim=-1)
     w = w / w.sum(-1, keepdim=True)
     X = 2 * F if glu else F
-    w_up = torch.randn(E, X, H, device="cuda", dtype=dtype, generator=g).mul_(H**-0.5)
-    w_down = torch.randn(E, H, F, device="cuda", dtype=dtype, generator=g).mul_(F**-0.5)
-    return x, ids.int(), w, w_up, w_down
+    up, up_scale = random_weight((E, X, H), dtype, weights, g)
+    down, down_scale = random_weight((E, H, F), dtype, weights, g)
+    experts = dict(w_up_EXH=up, w_down_EHF=down)
+    if weights != "dense":
+        experts.update(w_up_scale_EX=up_scale, w_down_scale_EH=down_scale)
+    return x, ids.int(), w, experts
+
+
+def random_weight(shape, dtype, weights, g):
+    """(stored weight, float32 scale per row or None) with entries of size ~ 1/sqrt(columns)."""
+    *lead, rows, cols = shape
+    device = g.device
+    if weights == "dense":
+        w = torch.randn(shape, device=device, dtype=dtype, generator=g).mul_(cols**-0.5)
+        return w, None
+    scale = torch.full((*lead, rows), cols**-0.5 / 64, device=device)
+    if weights == "int8":
+        q = torch.randint(-127, 128, shape, device=device, dtype=torch.int8, generator=g)
+    elif weights == "int4":  # two values per byte along the columns
+        q = torch.randint(0, 256, (*lead, rows, cols // 2), device=device, generator=g)
+        q = q.to(torch.uint8)
+        scale *= 16
+    else:  # fp8 e4m3, finite (|v| <= 448)
+        q = (torch.randn(shape, device=device, generator=g) * 64).clamp(-448, 448)
+        q = q.to(torch.float8_e4m3fn)
+    return q, scale
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,12 +140,15 @@ def tune(
     activation: str = "silu",
     glu_form: str = "standard",
     log=print,
+    weights: str = "dense",
 ) -> dict:
     """The fastest ``MoeConfig`` per token count: ``{T: {"up": {...}, "down": {...}}}``.
 
     Args:
         H, F, E, K: the expert group's shape (hidden, expert width, experts, top-k slots).
-        dtype: weight and activation dtype.
+        dtype: activation dtype (and the weights' when ``weights`` is "dense").
+        weights: "dense", or the weight-only quantised format "int8", "int4" or "fp8" (their tiles
+            are converted in registers, which moves the best tiles).
         token_counts: the buckets to measure (tokens of one call).
         candidates_fn: ``(GemmConfig, reduce_dim, out_dim, fp32) -> [GemmConfig]``; default
             ``candidates``.
@@ -131,11 +161,11 @@ def tune(
     fp32 = dtype == torch.float32
     out = {}
     for T in token_counts:
-        x, ids, w, w_up, w_down = random_problem(T, H, F, E, K, dtype, glu, seed=T)
+        x, ids, w, experts = random_problem(T, H, F, E, K, dtype, glu, seed=T, weights=weights)
 
-        def run(cfg, x=x, ids=ids, w=w, w_up=w_up, w_down=w_down):
+        def run(cfg, x=x, ids=ids, w=w, experts=experts):
             return moe_experts_triton(
-                x, ids, w, w_up, w_down, activation=activation, glu_form=glu_form, config=cfg
+                x, ids, w, **experts, activation=activation, glu_form=glu_form, config=cfg
             )
 
         base = default_config(T, H, F, E, K, dtype)
@@ -161,11 +191,12 @@ def tune(
         out[T] = {"up": asdict(best.up), "down": asdict(best.down), "ms": best_ms}
         out[T]["default_ms"] = base_ms
         log(
-            f"  H={H} F={F} E={E} K={K} T={T}: {tried} candidates, default {base_ms:.3f} ms -> "
+            f"  H={H} F={F} E={E} K={K} {weights} T={T}: {tried} candidates, default "
+            f"{base_ms:.3f} ms -> "
             f"best {best_ms:.3f} ms ({base_ms / best_ms:.2f}x) up {_short(best.up)} "
             f"down {_short(best.down)}"
         )
-        del x, ids, w, w_up, w_down, y_ref
+        del x, ids, w, experts, y_ref
         torch.cuda.empty_cache()
     return out
 
@@ -200,9 +231,11 @@ def _time(fn, rep_ms: int) -> float:
 # The plan's kernel shapes, and the JSON moec reads
 # --------------------------------------------------------------------------------------------------
 def plan_shapes(plan: dict) -> list[dict]:
-    """One entry per distinct (H, F, E, K) of the groups that run the Triton kernels.
+    """One entry per distinct (H, F, E, K, weights) of the groups that run the Triton kernels.
 
     E is the count a rank holds (the whole group on one GPU; per rank under expert parallelism).
+    weights is "dense" for a bf16 / fp16 / fp32 group (tuned in that dtype) or the group's
+    weight-only format (int8 / int4 / fp8), tuned with bf16 activations.
     """
     dims = plan["dims"]
     names = set(plan["kernels"]["expert_kernel_groups"])
@@ -213,15 +246,16 @@ def plan_shapes(plan: dict) -> list[dict]:
             continue
         lo, hi = g["first"], g["first"] + g["count"]
         counts = {sum(lo <= e < hi for e in r) for r in ranks} if ranks else {g["count"]}
+        dense = g["dtype"] in DTYPES
         for E in sorted(counts - {0}):
-            key = (dims["expert_in"], g["ffn"], E, dims["slots"])
+            key = (dims["expert_in"], g["ffn"], E, dims["slots"], "dense" if dense else g["dtype"])
             if key in seen:
                 continue
             seen.add(key)
             out.append(
                 dict(
                     shape=key,
-                    dtype=DTYPES[g["dtype"]],
+                    dtype=DTYPES[g["dtype"]] if dense else torch.bfloat16,
                     activation=g["activation"],
                     glu_form=g["glu"] if g["kind"] == "glu" else "none",
                 )
@@ -230,17 +264,19 @@ def plan_shapes(plan: dict) -> list[dict]:
 
 
 def to_json(results: list[tuple[tuple, dict]], dtype: torch.dtype, gpu: str) -> dict:
-    """The file ``moec.plan.tuning.load_tuning`` reads; ``results`` is [((H, F, E, K), tune())]."""
+    """The file ``moec.plan.tuning.load_tuning`` reads; ``results`` is
+    [((H, F, E, K, weights), tune())]."""
     tables = [
         {
             "hidden": H,
             "ffn": F,
             "experts": E,
             "top_k": K,
+            "weights": weights,
             "buckets": {str(T): {"up": c["up"], "down": c["down"]} for T, c in table.items()},
             "measured_ms": {str(T): [c["default_ms"], c["ms"]] for T, c in table.items()},
         }
-        for (H, F, E, K), table in results
+        for (H, F, E, K, weights), table in results
     ]
     return {
         "gpu": gpu,
@@ -276,11 +312,16 @@ def main(argv=None) -> int:
         return 2
     results = []
     for s in shapes:
-        print(f"tuning {PLAN['name']} (H, F, E, K) = {s['shape']} on {tokens}", file=sys.stderr)
-        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-        table = tune(
-            *s["shape"], s["dtype"], tokens, None, args.rep_ms, s["activation"], s["glu_form"], log
+        print(
+            f"tuning {PLAN['name']} (H, F, E, K, weights) = {s['shape']} on {tokens}",
+            file=sys.stderr,
         )
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        H, F, E, K, weights = s["shape"]
+        table = tune(
+            H, F, E, K, s["dtype"], tokens, None, args.rep_ms, s["activation"], s["glu_form"], log,
+            weights,
+        )  # fmt: skip
         results.append((s["shape"], table))
     data = to_json(results, shapes[0]["dtype"], torch.cuda.get_device_name())
     with open(args.out, "w") as f:
