@@ -23,7 +23,8 @@ import time
 import numpy as np
 
 from moec.plan.cost import PROFILES, ExpertShape, choose_dispatch, dispatch_traffic
-from moec.plan.placement import Placement, make_problem, place
+from moec.plan.placement import place
+from moec.plan.placement_problem import Placement, make_problem
 from moec.plan.topology import make_mesh
 from moec.plan.trace import LayerTrace, Trace, zipf_trace
 

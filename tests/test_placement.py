@@ -11,14 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moec.plan.cost import ExpertShape
-from moec.plan.placement import (
-    PlacementError,
-    PlacementProblem,
-    lpt_pack,
-    make_problem,
-    place,
-    replica_counts,
-)
+from moec.plan.packing import lpt_pack, replica_counts
+from moec.plan.placement import place
+from moec.plan.placement_problem import PlacementError, PlacementProblem, make_problem
 from moec.plan.topology import TopologyError, check_experts_fit, make_mesh
 from moec.plan.trace import (
     LayerTrace,
