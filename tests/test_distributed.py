@@ -1,7 +1,8 @@
 """The generated layer sharded over 4 gloo processes equals the single-process layer, forward and
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
 expert tensor parallelism, skewed routing with experts that receive no tokens, the flat all-to-all
-pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch.
+pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch (all
+three kinds).
 The flat all-to-all sends one row per (token, destination rank) pair; hierarchical dispatch (2 nodes
 x 2 ranks) sends one row across nodes per (token, node) pair."""
 
@@ -163,23 +164,30 @@ def _check(pkg, rank: int, name: str) -> None:
 
 @contextlib.contextmanager
 def _schedule_log(layer):
-    """Log the all-to-alls ("wait" or "async") and shared expert calls made inside, in order."""
+    """Log the all-to-alls ("wait" or "async"), all-gathers ("gather wait" or "gather async") and
+    shared expert calls made inside, in order."""
     log = []
-    real_all_to_all, real_shared = dist.all_to_all_single, layer._shared_expert
+    real_all_to_all, real_all_gather = dist.all_to_all_single, dist.all_gather
+    real_shared = layer._shared_expert
 
     def all_to_all(*args, **kwargs):
         log.append("async" if kwargs.get("async_op") else "wait")
         return real_all_to_all(*args, **kwargs)
 
+    def all_gather(*args, **kwargs):
+        log.append("gather async" if kwargs.get("async_op") else "gather wait")
+        return real_all_gather(*args, **kwargs)
+
     def shared(x_TH):
         log.append("shared")
         return real_shared(x_TH)
 
-    dist.all_to_all_single, layer._shared_expert = all_to_all, shared
+    dist.all_to_all_single, dist.all_gather = all_to_all, all_gather
+    layer._shared_expert = shared
     try:
         yield log
     finally:
-        dist.all_to_all_single = real_all_to_all
+        dist.all_to_all_single, dist.all_gather = real_all_to_all, real_all_gather
         del layer._shared_expert
 
 
@@ -236,14 +244,18 @@ def _inter_node_rows(dispatcher, dispatched) -> torch.Tensor:
 def _check_schedule(pkg, log: list[str], name: str) -> None:
     """Flat all-to-all: one counts exchange that waits, then every chunk's units on the wire while
     the shared expert runs, then each chunk's outputs sent back asynchronously.
-    Hierarchical: the shared expert runs while the inter-node rows are on the wire."""
+    Hierarchical: the shared expert runs while the inter-node rows are on the wire.
+    All-gather: the shared expert runs while the rows, weights and ids are gathered."""
     assert log.count("shared") == 1, (name, log)
+    exchanges = [e for e in log if not e.startswith("gather")]  # expert tp gathers first
     if pkg.comm.DISPATCH == "all_to_all":  # a chunk's rows, then their slots; outputs back
         chunks = pkg.comm.CHUNKS
         want = ["wait"] + ["async"] * 2 * chunks + ["shared"] + ["async"] * chunks
-        assert log == want, (name, log)
+        assert exchanges == want, (name, log)
     elif pkg.comm.DISPATCH == "hierarchical":
-        assert log[log.index("shared") - 1] == "async", (name, log)
+        assert exchanges[exchanges.index("shared") - 1] == "async", (name, log)
+    else:  # the counts gather waits; rows, weights and ids are in flight while the shared runs
+        assert log == ["gather wait"] + ["gather async"] * 3 + ["shared"], (name, log)
 
 
 def _worker(rank: int, world: int, port: int, packages: dict, errors) -> None:

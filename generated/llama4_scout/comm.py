@@ -150,24 +150,45 @@ class _AllReduce(torch.autograd.Function):
 
 
 class _AllGather(torch.autograd.Function):
-    """Uneven rows from every rank, concatenated in rank order; the backward sums each rank's slice."""
+    """Uneven rows from every rank -> [G * max(counts), ...], rank-major, each rank's rows padded to
+    the longest (``_unpad`` drops the padding); the backward sums each rank's slice. With a list
+    ``works``, the forward only starts the gather and appends its work handle: read the output
+    after ``work.wait()``."""
 
     @staticmethod
-    def forward(ctx, rows, counts, group):
+    def forward(ctx, rows, counts, group, works=None):
         ctx.args = (counts, group)
-        pad = max(counts) - rows.shape[0]
-        padded = torch.cat([rows, rows.new_zeros((pad,) + tuple(rows.shape[1:]))]) if pad else rows
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+        return _gather_padded(rows, counts, group, works)
 
     @staticmethod
     def backward(ctx, grad):
         counts, group = ctx.args
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=group)
-        start = sum(counts[: dist.get_rank(group)])
-        return grad[start : start + counts[dist.get_rank(group)]], None, None
+        start = max(counts) * dist.get_rank(group)
+        return grad[start : start + counts[dist.get_rank(group)]], None, None, None
+
+
+def _gather_padded(t: torch.Tensor, counts: list[int], group, works=None) -> torch.Tensor:
+    """all_gather of ``t``'s rows padded to max(counts) -> [G * max(counts), ...]; with a list
+    ``works``, only started."""
+    longest = max(counts)
+    pad = longest - t.shape[0]
+    padded = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))]) if pad else t
+    out = t.new_empty((len(counts) * longest,) + tuple(t.shape[1:]))  # returned: not a view
+    parts = out.unflatten(0, (len(counts), longest)).unbind(0)
+    work = dist.all_gather(
+        list(parts), padded.contiguous(), group=group, async_op=works is not None
+    )
+    if works is not None:
+        works.append(work)
+    return out
+
+
+def _unpad(gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The rows of a padded gather, without the padding, in rank order."""
+    parts = gathered.unflatten(0, (len(counts), max(counts))).unbind(0)
+    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
 
 
 def _exchange(
@@ -436,13 +457,9 @@ def _gather_counts(rows: int, group, device) -> list[int]:
 
 def _all_gather_ids(ids: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     """All-gather integer rows of uneven counts (no gradient)."""
-    pad = max(counts) - ids.shape[0]
-    padded = torch.cat([ids, ids.new_full((pad,) + tuple(ids.shape[1:]), -1)]) if pad else ids
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+    return _unpad(_gather_padded(ids, counts, group), counts)
 
 
 def _all_gather_rows(t: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     """All-gather rows of uneven counts, in rank order; differentiable."""
-    return _AllGather.apply(t, counts, group)
+    return _unpad(_AllGather.apply(t, counts, group), counts)
