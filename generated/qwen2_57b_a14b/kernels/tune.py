@@ -188,6 +188,8 @@ def tune(
                 ms = _measure(run, cfg, y_ref, rep_ms)
                 if ms is not None and ms < best_ms:
                     best, best_ms = cfg, ms
+                _progress(f"  T={T}: {tried} candidates timed ({side} pass), best {best_ms:.3f} ms")
+        _progress("")
         out[T] = {"up": asdict(best.up), "down": asdict(best.down), "ms": best_ms}
         out[T]["default_ms"] = base_ms
         log(
@@ -199,6 +201,12 @@ def tune(
         del x, ids, w, experts, y_ref
         torch.cuda.empty_cache()
     return out
+
+
+def _progress(text: str) -> None:
+    """One status line, rewritten in place, on a terminal (nothing when stderr is a file)."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
 
 
 def _short(c: GemmConfig) -> str:
