@@ -180,7 +180,7 @@ def test_groups_of_one_shape_and_different_weight_formats_get_their_own_tiles(
 
         picked = []
         pick = ops.pick_config
-        monkeypatch.setattr(ops, "pick_config", lambda *a: picked.append(a[-1]) or pick(*a))
+        monkeypatch.setattr(ops, "pick_config", lambda *a: picked.append(a[6]) or pick(*a))
         torch.manual_seed(0)
         layer = tuned_mixed.MoELayer(backend="triton")
         ref = tuned_mixed.MoELayer(backend="torch")
@@ -217,3 +217,82 @@ def test_tuner_problems_store_the_weights_as_their_group(weights):
     config = MoeConfig(GemmConfig(16, 16, 32, 1, 4, 1), GemmConfig(16, 16, 16, 1, 4, 1))
     y = moe_experts_triton(x, ids, w, **experts, config=config)
     assert y.shape == (5, 32) and torch.isfinite(y).all() and y.abs().sum() > 0
+
+
+def test_plan_shapes_use_a_ranks_slice_under_expert_tp(tmp_path):
+    """Under expert tensor parallelism a rank's experts are F / expert_tp wide: the tuner's shape
+    must be the one the kernels are called with, or the table is never found."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from moec.codegen import build_files
+
+    spec = SPEC.replace("kernels: {tuning: tiles.json}\n", "") + (
+        "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+    )
+    (tmp_path / "spec.yaml").write_text(spec)
+    _, _, files = build_files(tmp_path / "spec.yaml")
+    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
+    try:
+        from moe_kernels import tune
+    finally:
+        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    shapes = tune.plan_shapes(json.loads(files["plan.json"]))
+    assert [s["shape"] for s in shapes] == [(32, 8, 2, 2, "dense")]  # 4 experts / ep 2, 16 / 2
+
+
+def test_launch_falls_back_to_fewer_stages_then_shorter_k_tiles():
+    """Tiles that need more shared memory than the GPU has (OutOfResources at the first launch)
+    are retried with a stage fewer, then half the K tile; what compiled is remembered."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
+    try:
+        from moe_kernels import grouped_gemm
+        from moe_kernels.configs import GemmConfig
+    finally:
+        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    class FakeKernel:  # compiles only with <= 2 stages and BLOCK_K <= max_k
+        def __init__(self, max_k):
+            self.max_k = max_k
+
+        def fn(self):
+            pass
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_K, num_stages, **meta):
+                tried.append((num_stages, BLOCK_K))
+                if num_stages > 2 or BLOCK_K > self.max_k:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+
+            return launch
+
+    kernel, asked = FakeKernel(64), GemmConfig(16, 64, 256, 1, 4, 4)
+    grouped_gemm._launch(kernel, (1,), asked, ("test",), 1, 2, H=3)
+    assert tried == [(4, 256), (3, 256), (2, 256), (2, 128), (2, 64)]
+    tried.clear()
+    grouped_gemm._launch(kernel, (1,), asked, ("test",), 1, 2, H=3)
+    assert tried == [(2, 64)]  # remembered: no second search
+    with pytest.raises(OutOfResources):  # nothing left to shrink
+        grouped_gemm._launch(FakeKernel(16), (1,), GemmConfig(16, 64, 32, 1, 4, 2), ("x",), H=3)
+
+
+def test_default_tiles_follow_the_weight_format_where_measured():
+    """fp8 keeps the narrower tiles at a few rows per expert and int4 the earlier ones at ~64 rows
+    (both measured faster on an H200); other formats share the bf16 tiles."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
+    try:
+        from moe_kernels.configs import default_config
+    finally:
+        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+
+    def up_n(T, weights):
+        return default_config(T, 4096, 14336, 8, 2, torch.bfloat16, weights).up.block_n
+
+    assert [up_n(16, w) for w in ("dense", "int8", "int4", "fp8")] == [64, 64, 64, 32]
+    assert [up_n(256, w) for w in ("dense", "int8", "int4", "fp8")] == [128, 128, 64, 128]

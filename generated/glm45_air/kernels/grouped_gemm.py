@@ -24,9 +24,12 @@ Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K sl
 P padded rows (multiple of BLOCK_M), X = 2F (GLU) or F (plain MLP).
 """
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .configs import GemmConfig
 
@@ -301,6 +304,34 @@ def _combine_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
+# (kernel, tiles asked for, activation and weight dtypes, GLU form) -> the tiles that compiled
+_FITTED: dict[tuple, GemmConfig] = {}
+
+
+def _launch(kernel, grid: tuple, config: GemmConfig, key: tuple, *args, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)`` with ``config``'s tiles; where they need more shared
+    memory than this GPU has (a table tuned on an H100 run on an A100's 163 KB, say), with one
+    pipeline stage fewer at a time (down to 2), then half the K tile (down to 32). The first tiles
+    that compile are remembered for ``key``. The grid does not depend on what changes."""
+    key = (kernel.fn.__name__, config) + key
+    c = _FITTED.get(key, config)
+    while True:
+        try:
+            kernel[grid](
+                *args, **constexprs, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages,
+            )  # fmt: skip
+            _FITTED[key] = c
+            return
+        except OutOfResources:
+            if c.num_stages > 2:
+                c = replace(c, num_stages=c.num_stages - 1)
+            elif c.block_k > 32:
+                c = replace(c, block_k=c.block_k // 2)
+            else:
+                raise
+
+
 def _blocks(sorted_slot_ids_P: torch.Tensor, expert_of_block_B: torch.Tensor, c: GemmConfig):
     """(row blocks of this GEMM, the block size the slots were aligned to)."""
     P, B = sorted_slot_ids_P.numel(), expert_of_block_B.numel()
@@ -339,8 +370,9 @@ def up_proj(
     int4 = w_up_EXH.dtype == torch.uint8
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     h = torch.empty(sorted_slot_ids_P.numel(), F, dtype=x_TH.dtype, device=x_TH.device)
-    c = config
-    _up_kernel[(num_m * triton.cdiv(F, c.block_n),)](
+    _launch(
+        _up_kernel, (num_m * triton.cdiv(F, config.block_n),), config,
+        (x_TH.dtype, w_up_EXH.dtype, glu_form),
         x_TH, w_up_EXH, b_up_EX if b_up_EX is not None else w_up_EXH,
         w_up_scale_EX if w_up_scale_EX is not None else x_TH,
         topk_weights_N if topk_weights_N is not None else x_TH,
@@ -348,9 +380,7 @@ def up_proj(
         float(limit), float(alpha), float(gate_softcap), float(up_softcap),
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
         W_SCALED=w_up_scale_EX is not None, W_INT4=int4,
-        WEIGHT_ON_INPUT=topk_weights_N is not None, ALIGN_M=align_m, BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n,
-        BLOCK_K=c.block_k, GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages,
+        WEIGHT_ON_INPUT=topk_weights_N is not None, ALIGN_M=align_m,
     )  # fmt: skip
     return h
 
@@ -374,16 +404,16 @@ def down_proj(
     F = h_PF.shape[1]
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     o = torch.empty(num_slots, H, dtype=h_PF.dtype, device=h_PF.device)
-    c = config
-    _down_kernel[(num_m * triton.cdiv(H, c.block_n),)](
+    _launch(
+        _down_kernel, (num_m * triton.cdiv(H, config.block_n),), config,
+        (h_PF.dtype, w_down_EHF.dtype),
         h_PF, w_down_EHF, b_down_EH if b_down_EH is not None else w_down_EHF,
         w_down_scale_EH if w_down_scale_EH is not None else h_PF,
         topk_weights_N if topk_weights_N is not None else h_PF,
         sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
         H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
         W_INT4=w_down_EHF.dtype == torch.uint8, MUL_WEIGHT=topk_weights_N is not None,
-        ALIGN_M=align_m, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        ALIGN_M=align_m,
     )  # fmt: skip
     return o
 

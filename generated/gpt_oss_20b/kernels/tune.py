@@ -168,7 +168,7 @@ def tune(
                 x, ids, w, **experts, activation=activation, glu_form=glu_form, config=cfg
             )
 
-        base = default_config(T, H, F, E, K, dtype)
+        base = default_config(T, H, F, E, K, dtype, weights)
         y_ref = run(base)
         base_ms = _time(lambda b=base: run(b), rep_ms)
         best, best_ms, tried = base, base_ms, 0
@@ -241,7 +241,9 @@ def _time(fn, rep_ms: int) -> float:
 def plan_shapes(plan: dict) -> list[dict]:
     """One entry per distinct (H, F, E, K, weights) of the groups that run the Triton kernels.
 
-    E is the count a rank holds (the whole group on one GPU; per rank under expert parallelism).
+    E is the count a rank holds (the whole group on one GPU; per rank under expert parallelism,
+    from the first MoE layer's placement) and F the width of a rank's slice (expert tensor
+    parallelism shards it).
     weights is "dense" for a bf16 / fp16 / fp32 group (tuned in that dtype) or the group's
     weight-only format (int8 / int4 / fp8), tuned with bf16 activations.
     """
@@ -255,8 +257,9 @@ def plan_shapes(plan: dict) -> list[dict]:
         lo, hi = g["first"], g["first"] + g["count"]
         counts = {sum(lo <= e < hi for e in r) for r in ranks} if ranks else {g["count"]}
         dense = g["dtype"] in DTYPES
+        ffn = g["ffn"] // plan["mesh"]["expert_tp"]  # expert tensor parallelism: a rank's slice
         for E in sorted(counts - {0}):
-            key = (dims["expert_in"], g["ffn"], E, dims["slots"], "dense" if dense else g["dtype"])
+            key = (dims["expert_in"], ffn, E, dims["slots"], "dense" if dense else g["dtype"])
             if key in seen:
                 continue
             seen.add(key)

@@ -45,7 +45,7 @@ class MoeConfig:
 
 @functools.lru_cache(maxsize=4096)
 def default_config(
-    M_tokens: int, H: int, F: int, E: int, K: int, dtype=torch.bfloat16
+    M_tokens: int, H: int, F: int, E: int, K: int, dtype=torch.bfloat16, weights: str = "dense"
 ) -> MoeConfig:
     """Pick tiles from the shape and the token count.
 
@@ -59,12 +59,21 @@ def default_config(
     at a token count inside each regime: the <= 8 and <= 64 rows regimes now use those winners
     (1.02x and 1.10x geomean, never slower on any shape), and the compute-bound up GEMM a 4-stage
     ring (2-7% faster than 3 stages on every shape).
+
+    ``weights`` ("dense", "int8", "int4", "fp8": how the expert weights are stored) keeps the
+    earlier tiles where the H200 tiles measured slower for that format (bench/moe_quant.py,
+    2026-12-01): fp8 at <= 8 rows (Mixtral T=16 0.473 vs 0.592 ms, Qwen3 0.161 vs 0.175 ms) and
+    int4 at <= 64 rows (Mixtral T=256 0.960 vs 1.080 ms).
     """
     rows = M_tokens * K / max(E, 1)
-    if rows <= 8:
+    if rows <= 8 and weights == "fp8":
+        up, down = GemmConfig(16, 32, 256, 1, 4, 4), GemmConfig(16, 64, 256, 1, 4, 3)
+    elif rows <= 8:
         up, down = GemmConfig(16, 64, 256, 1, 4, 4), GemmConfig(16, 64, 128, 1, 4, 3)
     elif rows <= 32:
         up, down = GemmConfig(32, 128, 128, 8, 4, 3), GemmConfig(32, 128, 128, 8, 4, 3)
+    elif rows <= 64 and weights == "int4":
+        up, down = GemmConfig(64, 64, 128, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
     elif rows <= 64:
         up, down = GemmConfig(64, 128, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 3)
     else:
@@ -89,6 +98,7 @@ def pick_config(
     K: int,
     dtype: torch.dtype,
     table: dict | None = None,
+    weights: str = "dense",
 ) -> MoeConfig:
     """The config for a call: from ``table`` when given, else ``default_config``.
 
@@ -97,7 +107,7 @@ def pick_config(
     smallest bucket when M_tokens is below all of them).
     """
     if not table:
-        return default_config(M_tokens, H, F, E, K, dtype)
+        return default_config(M_tokens, H, F, E, K, dtype, weights)
     buckets = sorted(table)
     below = [b for b in buckets if b <= M_tokens]
     c = table[below[-1] if below else buckets[0]]

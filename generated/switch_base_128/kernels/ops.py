@@ -199,8 +199,9 @@ def moe_experts_triton(
     E, _, F = w_down_EHF.shape
     F *= 2 if w_down_EHF.dtype == torch.uint8 else 1  # int4: two values per byte
     if config is None:
-        table = _CONFIG_TABLES.get((H, F, E, K, weight_format(w_down_EHF)))
-        config = pick_config(T, H, F, E, K, x_TH.dtype, table)
+        weights = weight_format(w_down_EHF)
+        table = _CONFIG_TABLES.get((H, F, E, K, weights))
+        config = pick_config(T, H, F, E, K, x_TH.dtype, table, weights)
     x_TH, w_up_EXH, w_down_EHF = x_TH.contiguous(), w_up_EXH.contiguous(), w_down_EHF.contiguous()
     b_up_EX = None if b_up_EX is None else b_up_EX.contiguous()
     b_down_EH = None if b_down_EH is None else b_down_EH.contiguous()
