@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .configs import GemmConfig
+from .configs import GemmConfig, cdiv, next_power_of_2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def up_proj(
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     h = torch.empty(sorted_slot_ids_P.numel(), F, dtype=x_TH.dtype, device=x_TH.device)
     _launch(
-        _up_kernel, (num_m * triton.cdiv(F, config.block_n),), config,
+        _up_kernel, (num_m * cdiv(F, config.block_n),), config,
         (x_TH.dtype, w_up_EXH.dtype, glu_form),
         x_TH, w_up_EXH, b_up_EX if b_up_EX is not None else w_up_EXH,
         w_up_scale_EX if w_up_scale_EX is not None else x_TH,
@@ -405,7 +405,7 @@ def down_proj(
     num_m, align_m = _blocks(sorted_slot_ids_P, expert_of_block_B, config)
     o = torch.empty(num_slots, H, dtype=h_PF.dtype, device=h_PF.device)
     _launch(
-        _down_kernel, (num_m * triton.cdiv(H, config.block_n),), config,
+        _down_kernel, (num_m * cdiv(H, config.block_n),), config,
         (h_PF.dtype, w_down_EHF.dtype),
         h_PF, w_down_EHF, b_down_EH if b_down_EH is not None else w_down_EHF,
         w_down_scale_EH if w_down_scale_EH is not None else h_PF,
@@ -427,8 +427,8 @@ def combine(
     y = torch.empty(T, H, dtype=o_NH.dtype, device=o_NH.device)
     if T == 0:
         return y
-    BLOCK_H = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, BLOCK_H))](
+    BLOCK_H = min(1024, next_power_of_2(H))
+    _combine_kernel[(T, cdiv(H, BLOCK_H))](
         o_NH, topk_ids_TK, y, first_expert_id, E=num_experts, H=H, TOPK=K, BLOCK_H=BLOCK_H,
         num_warps=4,
     )  # fmt: skip

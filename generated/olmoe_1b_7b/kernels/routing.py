@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import cdiv, next_power_of_2
+
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
 NORMS = ("none", "sum", "pnorm")
 # A finite stand-in for a group-masked "-inf": still ranks below every real score, but above the
@@ -198,12 +200,12 @@ def moe_routing(
     if T == 0:
         return ids, weights
     bias = selection_bias_E.float().contiguous() if selection_bias_E is not None else weights
-    E_PAD = triton.next_power_of_2(E)
+    E_PAD = next_power_of_2(E)
     BLOCK_T = max(1, min(64, 4096 // E_PAD))  # ~4K live scores per program
-    _routing_kernel[(triton.cdiv(T, BLOCK_T),)](
+    _routing_kernel[(cdiv(T, BLOCK_T),)](
         logits_TE, bias, ids, weights, T, logits_TE.stride(0),
         float(norm_eps), float(norm_clamp_min), float(norm_p), float(scale),
-        E=E, K=top_k, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
+        E=E, K=top_k, E_PAD=E_PAD, K_PAD=next_power_of_2(top_k), BLOCK_T=BLOCK_T,
         SCORE=score, TOPK_ON_LOGITS=topk_on == "logits", HAS_BIAS=selection_bias_E is not None,
         N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOP2=group_score == "top2_sum",
         MASK_ZERO=group_masked_value == "0", WEIGHTS_FROM_MASKED=weights_from_masked,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import cdiv, next_power_of_2
 from .reference import Alignment, max_padded_rows
 
 
@@ -134,11 +135,11 @@ def align_by_expert(
     N, E, dev = ids.numel(), num_experts, ids.device
     P = max_padded_rows(N, E, block_m)
     B = P // block_m
-    E_PAD = triton.next_power_of_2(E)
+    E_PAD = next_power_of_2(E)
     SUB = max(16, min(128, 4096 // E_PAD))  # a [SUB, E_PAD] one-hot tile per step
     # ~128 chunks at most (one wave of programs), each a multiple of SUB slots.
-    chunk = SUB * triton.cdiv(max(N, 1), SUB * 128)
-    num_chunks = triton.cdiv(max(N, 1), chunk)
+    chunk = SUB * cdiv(max(N, 1), SUB * 128)
+    num_chunks = cdiv(max(N, 1), chunk)
     hist = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
     eob = torch.empty(B, dtype=torch.int32, device=dev)
@@ -149,8 +150,8 @@ def align_by_expert(
     )
     _scatter_kernel[(num_chunks,)](
         ids, hist, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
-        triton.cdiv(B, num_chunks), first_expert_id,
+        cdiv(B, num_chunks), first_expert_id,
         E=E, E_PAD=E_PAD, SUB=SUB, BLOCK_M=block_m,
-        CHUNK_ROWS=min(triton.next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), num_warps=4,
+        CHUNK_ROWS=min(next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), num_warps=4,
     )  # fmt: skip
     return Alignment(sorted_ids, eob, offsets, counts)
