@@ -248,7 +248,8 @@ def _inter_node_rows(dispatcher, dispatched) -> torch.Tensor:
 def _check_schedule(pkg, log: list[str], name: str) -> None:
     """Flat all-to-all: one counts exchange that waits, then every chunk's units on the wire while
     the shared expert runs, then each chunk's outputs sent back asynchronously.
-    Hierarchical: the shared expert runs while the inter-node rows are on the wire.
+    Hierarchical: three all-to-alls per dispatch hop (split sizes, rows, their weights and codes)
+    and one per combine hop, the shared expert while the inter-node rows are on the wire.
     All-gather: the shared expert runs while the rows, weights and ids are gathered."""
     assert log.count("shared") == 1, (name, log)
     exchanges = [e for e in log if not e.startswith("gather")]  # expert tp gathers first
@@ -256,8 +257,9 @@ def _check_schedule(pkg, log: list[str], name: str) -> None:
         chunks = pkg.comm.CHUNKS
         want = ["wait"] + ["async"] * 2 * chunks + ["shared"] + ["async"] * chunks
         assert exchanges == want, (name, log)
-    elif pkg.comm.DISPATCH == "hierarchical":
+    elif pkg.comm.DISPATCH == "hierarchical":  # 3 hops: split sizes, rows, slots (one node)
         assert exchanges[exchanges.index("shared") - 1] == "async", (name, log)
+        assert len(exchanges) == 3 * 3 + 3 + 1, (name, log)  # + the combine's 3 hops back
     else:  # the counts gather waits; rows, weights and ids are in flight while the shared runs
         assert log[-5:] == ["gather wait"] + ["gather async"] * 3 + ["shared"], (name, log)
 

@@ -237,13 +237,6 @@ def _group_slots(key_RK: torch.Tensor, kept_RK: torch.Tensor):
     return with_RKK, lead_RK
 
 
-def _exchange_ids(
-    ids: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
-) -> torch.Tensor:
-    """All-to-all of integer ids, any trailing shape (no gradient)."""
-    return _all_to_all(ids, send_counts, recv_counts, group)
-
-
 def _counts(send_G: torch.Tensor, group) -> list[int]:
     """Exchange per-destination row counts; returns how many rows arrive from each rank."""
     recv_G = torch.empty_like(send_G)
@@ -380,7 +373,9 @@ class Dispatcher:
         """Send units to the members ``dest_U`` of ``group``: unit i is row ``parent_U[i]`` of rows_RH
         with codes code_UK[i] and weights weight_UK[i] (only where ``lead_U``, if given) -> ((rows,
         codes, weights) received, the Hop, what ``meanwhile()`` returned: it runs while the rows and
-        weights are on the wire). The host waits only for the split sizes."""
+        slots are on the wire). Three all-to-alls: the split sizes (the host waits for those only),
+        the rows, and each row's weights and codes together in float32 (a code is below
+        EP · NUM_EXPERTS, far under 2^24: exact there)."""
         world = dist.get_world_size(group)
         key_U = dest_U if lead_U is None else torch.where(lead_U, dest_U, world)  # others sort last
         order_U = torch.argsort(key_U, stable=True)
@@ -390,13 +385,13 @@ class Dispatcher:
         order_U = order_U[: sum(send)]
         parent_U = parent_U[order_U]
         works = [] if meanwhile is not None else None
-        rows, weights = _AllToAll.apply(
-            rows_RH[parent_U], send, recv, group, works, weight_UK[order_U]
-        )
+        slots_U2K = torch.cat([weight_UK, code_UK.float()], dim=1)[order_U]
+        rows, slots = _AllToAll.apply(rows_RH[parent_U], send, recv, group, works, slots_U2K)
         extra = meanwhile() if meanwhile is not None else None
-        codes = _exchange_ids(code_UK[order_U], send, recv, group)
         for work in works or ():
             work.wait()
+        K = code_UK.shape[1]
+        codes, weights = slots[:, K:].long(), slots[:, :K]
         return (rows, codes, weights), Hop(send, recv, group, parent_U, rows_RH.shape[0]), extra
 
     def _tables(self, device) -> dict:
