@@ -296,3 +296,32 @@ def test_default_tiles_follow_the_weight_format_where_measured():
 
     assert [up_n(16, w) for w in ("dense", "int8", "int4", "fp8")] == [64, 64, 64, 32]
     assert [up_n(256, w) for w in ("dense", "int8", "int4", "fp8")] == [128, 128, 64, 128]
+
+
+@pytest.mark.parametrize(
+    "gpu, table_gpu, shape_ok, want",
+    [
+        ("h200", "NVIDIA H200", True, []),
+        ("h100", "NVIDIA H200", True, ["measured on NVIDIA H200, the cluster has h100"]),
+        ("h200", "NVIDIA H200", False, ["no tiles for group 'a' (H, F, E, K, weights) ="]),
+    ],
+)
+def test_plan_notes_a_tuning_table_that_will_not_be_used_as_measured(
+    tmp_path, gpu, table_gpu, shape_ok, want
+):
+    """A table without tiles for a group's kernel shape (it silently ran the heuristic before), or
+    measured on another GPU than the cluster's, gets a note in the plan."""
+    from moec.plan import run_passes
+    from moec.spec import load_spec_text
+
+    table = dict(TABLE, gpu=table_gpu)
+    if not shape_ok:
+        table = dict(table, tables=[dict(TABLE["tables"][0], ffn=32)])
+    (tmp_path / "tiles.json").write_text(json.dumps(table))
+    spec, _ = load_spec_text(
+        SPEC.replace("experts: [{", "experts: [{name: a, ") + f"cluster: {{gpu: {gpu}}}\n"
+    )
+    plan = run_passes(spec, tmp_path)
+    assert plan.kernels.shapes == (("a", 32, 16, 4, 2, "dense"),)
+    notes = [n for n in plan.kernels.notes if "kernels.tuning" in n]
+    assert len(notes) == len(want) and all(w in n for w, n in zip(want, notes, strict=True)), notes

@@ -119,8 +119,9 @@ def sections(spec: Spec, plan: Plan) -> list[dict]:
             f"Predicted time per MoE layer forward, {spec.workload.tokens_per_rank} tokens per rank"
         )
         out.append({"title": title, "columns": ["phase", "µs"], "rows": rows})
-    if plan.notes:
-        out.append({"title": "Notes", "columns": ["note"], "rows": [[n] for n in plan.notes]})
+    notes = plan.notes + (plan.kernels.notes if plan.kernels else ())
+    if notes:
+        out.append({"title": "Notes", "columns": ["note"], "rows": [[n] for n in notes]})
     return out
 
 

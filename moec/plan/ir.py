@@ -118,6 +118,10 @@ class KernelPlan:
     tuning: tuple[
         tuple[tuple[int, int, int, int, str], tuple[tuple[int, dict], ...]], ...
     ]  # (H, F, E, K, weights) -> buckets
+    # (group, H, F, E, K, weights): the shapes a group's kernel calls see on a rank (E the experts
+    # a rank holds, per layer; F a rank's expert-tp slice); what moec tune tunes, and what tuning
+    # tables are matched against
+    shapes: tuple[tuple[str, int, int, int, int, str], ...]
     notes: tuple[str, ...]
 
 

@@ -52,6 +52,12 @@ def load_tuning(path: Path) -> Table:
     return tuple(sorted(out))
 
 
+def tuning_gpu(path: Path) -> str:
+    """The GPU a table (already read by ``load_tuning``) was measured on, or "" if it does not say."""
+    gpu = json.loads(Path(path).read_text()).get("gpu", "")
+    return gpu if isinstance(gpu, str) else ""
+
+
 def _list(data, key: str, path: Path) -> list:
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise UsageError(f"{path}: expected an object with a list '{key}'")

@@ -239,38 +239,27 @@ def _time(fn, rep_ms: int) -> float:
 # The plan's kernel shapes, and the JSON moec reads
 # --------------------------------------------------------------------------------------------------
 def plan_shapes(plan: dict) -> list[dict]:
-    """One entry per distinct (H, F, E, K, weights) of the groups that run the Triton kernels.
+    """One entry per distinct (H, F, E, K, weights) the plan's expert kernels are called with
+    (``plan["kernels"]["shapes"]``: E the experts a rank holds, F a rank's expert-tp slice).
 
-    E is the count a rank holds (the whole group on one GPU; per rank under expert parallelism,
-    from the first MoE layer's placement) and F the width of a rank's slice (expert tensor
-    parallelism shards it).
     weights is "dense" for a bf16 / fp16 / fp32 group (tuned in that dtype) or the group's
     weight-only format (int8 / int4 / fp8), tuned with bf16 activations.
     """
-    dims = plan["dims"]
-    names = set(plan["kernels"]["expert_kernel_groups"])
-    ranks = plan["placement"]["layers"][0]["ranks"] if plan["placement"]["layers"] else None
+    groups = {g["name"]: g for g in plan["groups"]}
     seen, out = set(), []
-    for g in plan["groups"]:
-        if g["name"] not in names:
+    for name, *shape in plan["kernels"]["shapes"]:
+        g, key = groups[name], tuple(shape)
+        if key in seen:
             continue
-        lo, hi = g["first"], g["first"] + g["count"]
-        counts = {sum(lo <= e < hi for e in r) for r in ranks} if ranks else {g["count"]}
-        dense = g["dtype"] in DTYPES
-        ffn = g["ffn"] // plan["mesh"]["expert_tp"]  # expert tensor parallelism: a rank's slice
-        for E in sorted(counts - {0}):
-            key = (dims["expert_in"], ffn, E, dims["slots"], "dense" if dense else g["dtype"])
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(
-                dict(
-                    shape=key,
-                    dtype=DTYPES[g["dtype"]] if dense else torch.bfloat16,
-                    activation=g["activation"],
-                    glu_form=g["glu"] if g["kind"] == "glu" else "none",
-                )
+        seen.add(key)
+        out.append(
+            dict(
+                shape=key,
+                dtype=DTYPES.get(g["dtype"], torch.bfloat16),
+                activation=g["activation"],
+                glu_form=g["glu"] if g["kind"] == "glu" else "none",
             )
+        )
     return out
 
 
