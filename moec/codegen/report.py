@@ -112,6 +112,8 @@ def sections(spec: Spec, plan: Plan) -> list[dict]:
                 "rows": rows,
             }
         )
+    if plan.kernels:
+        out.append(_kernels(plan))
     if plan.cost:
         rows = [[phase, f"{us:.1f}"] for phase, us in plan.cost.phases_us.items()]
         rows.append(["total", f"{plan.cost.total_us:.1f}"])
@@ -123,6 +125,32 @@ def sections(spec: Spec, plan: Plan) -> list[dict]:
     if notes:
         out.append({"title": "Notes", "columns": ["note"], "rows": [[n] for n in notes]})
     return out
+
+
+def _kernels(plan: Plan) -> dict:
+    """The Triton backend's expert-kernel calls per rank, and where their tiles come from."""
+    k = plan.kernels
+    tuned = {shape for shape, _ in k.tuning}
+    rows = [
+        [
+            name,
+            *map(str, (H, F, E, K)),
+            weights,
+            "tuned" if (H, F, E, K, weights) in tuned else "heuristic",
+        ]
+        for name, H, F, E, K, weights in k.shapes
+    ]
+    source = (
+        f"tiles from {k.tuning_source}"
+        if k.tuning_source
+        else "heuristic tiles (no kernels.tuning)"
+    )
+    routing = "fused routing kernel" if k.routing_kernel else "torch routing"
+    return {
+        "title": f"Kernels on CUDA: {routing}, {source}",
+        "columns": ["group", "H", "F per rank", "E per rank", "K", "weights", "tiles"],
+        "rows": rows,
+    }
 
 
 def _ids(ids: tuple[int, ...]) -> str:
