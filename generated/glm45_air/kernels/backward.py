@@ -16,7 +16,7 @@ six grouped GEMMs in all, against a per-expert loop of small GEMMs and its autog
 in the activations' dtype with float32 accumulation, elementwise work in float32, as the forward.
 
 ``torch._grouped_mm`` is a private PyTorch op: ``experts_backward`` returns None when it is missing
-or refuses these tensors, and the caller differentiates the oracle instead. Shape legend: T tokens,
+or refuses these tensors, and the caller differentiates the oracle instead (``oracle_vjp``). Shape legend: T tokens,
 H hidden, F expert width, X = 2F (GLU) or F, E experts, K top-k, N rows of this group's slots.
 """
 
@@ -149,3 +149,27 @@ def _backward(
         d_b_up,
         d_b_down,
     )
+
+
+def oracle_vjp(
+    grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
+    first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap, weight_on_input,
+):  # fmt: skip
+    """The expert gradients as ``torch.func.vjp`` of the oracle (an absent bias gets [0]): the
+    fallback where ``experts_backward`` returns None (correct, slow)."""
+    has_bu, has_bd = b_up_EX is not None, b_down_EH is not None
+
+    def forward(x, w, wu, wd, bu, bd):
+        return reference.moe_experts(
+            x, topk_ids_TK, w, wu, wd, bu if has_bu else None, bd if has_bd else None,
+            first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
+            weight_on_input,
+        )  # fmt: skip
+
+    empty = grad_y_TH.new_empty(0)
+    primals = (
+        x_TH, topk_weights_TK, w_up_EXH, w_down_EHF,
+        b_up_EX if has_bu else empty, b_down_EH if has_bd else empty,
+    )  # fmt: skip
+    _, vjp = torch.func.vjp(forward, *primals)
+    return vjp(grad_y_TH)

@@ -294,7 +294,7 @@ def _experts_backward_op(
         weight_on_input,
     )  # fmt: skip
     if grads is None:
-        grads = _experts_vjp(
+        grads = backward.oracle_vjp(
             grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX,
             b_down_EH, first_expert_id, activation, glu_form, limit, alpha, gate_softcap,
             up_softcap, weight_on_input,
@@ -303,29 +303,6 @@ def _experts_backward_op(
         grad_y_TH.new_empty(0) if g is None or skip else g.contiguous()
         for g, skip in zip(grads, frozen, strict=True)
     )
-
-
-def _experts_vjp(
-    grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
-    first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap, weight_on_input,
-):  # fmt: skip
-    """The expert gradients as ``torch.func.vjp`` of the oracle (an absent bias gets [0])."""
-    has_bu, has_bd = b_up_EX is not None, b_down_EH is not None
-
-    def forward(x, w, wu, wd, bu, bd):
-        return reference.moe_experts(
-            x, topk_ids_TK, w, wu, wd, bu if has_bu else None, bd if has_bd else None,
-            first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
-            weight_on_input,
-        )  # fmt: skip
-
-    empty = grad_y_TH.new_empty(0)
-    primals = (
-        x_TH, topk_weights_TK, w_up_EXH, w_down_EHF,
-        b_up_EX if has_bu else empty, b_down_EH if has_bd else empty,
-    )  # fmt: skip
-    _, vjp = torch.func.vjp(forward, *primals)
-    return vjp(grad_y_TH)
 
 
 @_experts_backward_op.register_fake
