@@ -6,6 +6,7 @@ hand-written table and compares it with the torch backend.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -20,6 +21,17 @@ from moec.errors import UsageError  # noqa: E402
 from moec.plan.tuning import load_tuning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def kernel_module(name: str):
+    """``moe_kernels.<name>`` of the kernel library every package copies (imported from the source)."""
+    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
+    try:
+        return importlib.import_module(f"moe_kernels.{name}")
+    finally:
+        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+
+
 SPEC = """name: tuned_tiny
 hidden: 32
 dtype: fp32
@@ -199,13 +211,9 @@ def test_tuner_problems_store_the_weights_as_their_group(weights):
     the kernels run them (here under the interpreter)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
-    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
-    try:
-        from moe_kernels import tune
-        from moe_kernels.configs import GemmConfig, MoeConfig
-        from moe_kernels.ops import moe_experts_triton
-    finally:
-        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    tune, configs = kernel_module("tune"), kernel_module("configs")
+    GemmConfig, MoeConfig = configs.GemmConfig, configs.MoeConfig
+    moe_experts_triton = kernel_module("ops").moe_experts_triton
     x, ids, w, experts = tune.random_problem(
         5, 32, 16, 4, 2, torch.float32, weights=weights, device="cpu"
     )
@@ -231,11 +239,7 @@ def test_plan_shapes_use_a_ranks_slice_under_expert_tp(tmp_path):
     )
     (tmp_path / "spec.yaml").write_text(spec)
     _, _, files = build_files(tmp_path / "spec.yaml")
-    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
-    try:
-        from moe_kernels import tune
-    finally:
-        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    tune = kernel_module("tune")
     shapes = tune.plan_shapes(json.loads(files["plan.json"]))
     assert [s["shape"] for s in shapes] == [(32, 8, 2, 2, "dense")]  # 4 experts / ep 2, 16 / 2
 
@@ -245,12 +249,7 @@ def test_launch_falls_back_to_fewer_stages_then_shorter_k_tiles():
     are retried with a stage fewer, then half the K tile; what compiled is remembered."""
     pytest.importorskip("torch")
     pytest.importorskip("triton")
-    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
-    try:
-        from moe_kernels import grouped_gemm
-        from moe_kernels.configs import GemmConfig
-    finally:
-        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    grouped_gemm, GemmConfig = kernel_module("grouped_gemm"), kernel_module("configs").GemmConfig
     from triton.runtime.errors import OutOfResources
 
     tried = []
@@ -285,11 +284,7 @@ def test_default_tiles_follow_the_weight_format_where_measured():
     (both measured faster on an H200); other formats share the bf16 tiles."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
-    sys.path.insert(0, str(ROOT / "moec/templates/kernels_src"))
-    try:
-        from moe_kernels.configs import default_config
-    finally:
-        sys.path.remove(str(ROOT / "moec/templates/kernels_src"))
+    default_config = kernel_module("configs").default_config
 
     def up_n(T, weights):
         return default_config(T, 4096, 14336, 8, 2, torch.bfloat16, weights).up.block_n
