@@ -335,6 +335,22 @@ def test_grouped_gemm_backward_matches_the_oracle(glu_form, bias, weight_on_inpu
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_zero_empty_experts_writes_only_the_empty_ones(monkeypatch, interpreted):
+    """Experts with no rows get zero gradients even where the grouped GEMM left garbage (NaN
+    here); the others are untouched. Kernel (interpreter) and plain-torch fallback alike."""
+    if not interpreted:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    d_w = torch.randn(5, 3, 4100)  # one expert's slice is longer than the kernel's block
+    d_w[1] = float("nan")
+    d_w[4] = float("nan")
+    before = d_w.clone()
+    counts = torch.tensor([3, 0, 1, 7, 0])
+    assert backward.zero_empty_experts(d_w, counts) is d_w
+    assert torch.equal(d_w[[1, 4]], torch.zeros(2, 3, 4100))
+    assert torch.equal(d_w[[0, 2, 3]], before[[0, 2, 3]])
+
+
 def test_grouped_gemm_backward_declines_unaligned_rows():
     """Rows the op cannot take (H * 4 bytes not a multiple of 16) fall back to the oracle: None."""
     x, ids, w, w_up, w_down, _, _ = make_experts(5, 10, 8, 3, 2, torch.float32)

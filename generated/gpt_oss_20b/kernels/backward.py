@@ -20,16 +20,54 @@ or refuses these tensors, and the caller differentiates the oracle instead (``or
 H hidden, F expert width, X = 2F (GLU) or F, E experts, K top-k, N rows of this group's slots.
 """
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import reference
+from .configs import cdiv
 
 _REFUSED: set[tuple] = set()  # (device type, dtype) where _grouped_mm failed once: do not retry
 
 # With few experts the per-expert loop is a handful of large GEMMs and was faster (H200, bf16,
 # T=4096: Mixtral-8x7B 24 ms loop vs 30 ms grouped; Qwen3-30B-A3B 38 ms loop vs 9 ms grouped).
 MIN_EXPERTS = 16
+
+
+@triton.jit
+def _zero_empty_kernel(w_ptr, counts_ptr, M, BLOCK: tl.constexpr):
+    """Zero expert e's [M] slice of w when it received no rows; other programs return at once."""
+    e = tl.program_id(0)
+    if tl.load(counts_ptr + e) != 0:
+        return
+    base = w_ptr + e.to(tl.int64) * M
+    zeros = tl.zeros([BLOCK], w_ptr.dtype.element_ty)
+    for start in range(tl.program_id(1) * BLOCK, M, tl.num_programs(1) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(base + offs, zeros, mask=offs < M)
+
+
+def zero_empty_experts(d_w_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Zero, in place, the gradient of each expert that received no rows, and return d_w_E.
+
+    ``torch._grouped_mm`` may leave an empty group's output unwritten (uninitialised memory; some
+    GPUs and backends do). Only the empty experts' slices are written and the host never waits:
+    a masked fill over the whole [E, ...] gradient cost 0.8 ms a call, plus 0.2 ms for the copy of
+    an out-of-place fill, on an H200 for Qwen3-30B-A3B (bench/RESULTS.md, 2026-12-01)."""
+    E = d_w_E.shape[0]
+    M = d_w_E[0].numel() if E else 0
+    if M == 0:
+        return d_w_E
+    if d_w_E.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        BLOCK = 4096
+        grid = (E, min(cdiv(M, BLOCK), 16))
+        _zero_empty_kernel[grid](d_w_E, counts_E.to(torch.int32), M, BLOCK=BLOCK, num_warps=4)
+    else:
+        d_w_E.masked_fill_((counts_E == 0).view(E, *[1] * (d_w_E.dim() - 1)), 0)
+    return d_w_E
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -118,20 +156,22 @@ def _backward(
         d_rw_N = (o_NH * gy_NH).sum(-1)
         d_o_NH = (gy_NH * rw_N1).to(dtype)
 
-    empty_E = counts_E == 0  # experts without rows get zero gradients whatever the op leaves
     d_h_NF = _gmm(d_o_NH, w_down_EHF, offs_E)
-    d_w_down = _gmm(d_o_NH.t(), h_NF, offs_E).masked_fill(empty_E[:, None, None], 0)
+    d_w_down = zero_empty_experts(_gmm(d_o_NH.t(), h_NF, offs_E), counts_E)
     (d_gu32_NX,) = glu_vjp(d_h_NF.float())
     d_gu_NX = d_gu32_NX.to(dtype)
     d_xin_NH = _gmm(d_gu_NX, w_up_EXH, offs_E).float()
-    d_w_up = _gmm(d_gu_NX.t(), xin_NH, offs_E).masked_fill(empty_E[:, None, None], 0)
+    d_w_up = zero_empty_experts(_gmm(d_gu_NX.t(), xin_NH, offs_E), counts_E)
     if weight_on_input:
         d_rw_N = (d_xin_NH * xs_NH.float()).sum(-1)
         d_xs_NH = d_xin_NH * rw_N1
     else:
         d_xs_NH = d_xin_NH
 
-    dx_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device).index_add_(0, tok_N, d_xs_NH)
+    # dx: each row's gradient to its slot, then a fixed-order sum over the K slots of each token
+    # (deterministic, unlike an index_add_ of the rows into dx: float atomics on CUDA)
+    d_xs_SH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)
+    dx_TH = d_xs_SH.index_copy_(0, slot_N, d_xs_NH).view(T, K, H).sum(1)
     d_rw_S = torch.zeros(T * K, dtype=torch.float32, device=x_TH.device)
     d_rw_S[slot_N] = d_rw_N
     d_b_up = d_b_down = None
