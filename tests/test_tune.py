@@ -320,3 +320,21 @@ def test_plan_notes_a_tuning_table_that_will_not_be_used_as_measured(
     assert plan.kernels.shapes == (("a", 32, 16, 4, 2, "dense"),)
     notes = [n for n in plan.kernels.notes if "kernels.tuning" in n]
     assert len(notes) == len(want) and all(w in n for w, n in zip(want, notes, strict=True)), notes
+
+
+def test_confirm_keeps_a_winner_only_when_it_is_faster_on_re_timing():
+    """The search's winner is re-timed against the default, alternately; it is kept only when its
+    median beats the default's by MIN_GAIN (the fastest of many noisy timings is biased low)."""
+    tune = kernel_module("tune")
+    calls = []
+
+    def timer(name, times):
+        times = iter(times)
+        return lambda: calls.append(name) or next(times)
+
+    keep, won, default = tune.confirm(timer("d", [1.0, 1.0, 1.0]), timer("w", [0.9, 0.97, 2.0]))
+    assert (keep, won, default) == (True, 0.97, 1.0)
+    assert calls == ["d", "w"] * 3  # alternating, so drift hits both
+    keep, won, default = tune.confirm(timer("d", [1.0, 1.0, 1.0]), timer("w", [0.99, 0.5, 0.99]))
+    assert (keep, won, default) == (False, 0.99, 1.0)  # 1% faster: noise, not kept
+    assert tune.confirm(lambda: 1.0, lambda: 0.98)[0]  # exactly MIN_GAIN (2%) is enough

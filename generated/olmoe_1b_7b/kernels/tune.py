@@ -9,8 +9,10 @@
 checks each candidate's output against the default config's, and keeps the fastest. The search is
 three coordinate passes around ``default_config``: both GEMMs' block_m halved or doubled together,
 then the up GEMM's tiles, then the down GEMM's with the winning up config (at most 2 + 2 × 20
-candidates per token count). Groups with weight-only int8 / int4 / fp8 weights are tuned with
-weights stored that way: converting the tiles in registers moves the best tiles.
+candidates per token count). The winner is then re-timed against the default, alternately, and
+kept only when it is at least ``MIN_GAIN`` faster (``confirm``). Groups with weight-only int8 /
+int4 / fp8 weights are tuned with weights stored that way: converting the tiles in registers moves
+the best tiles.
 
 As a command, inside a generated package (``python -m <pkg>.kernels.tune --out tuning.json``), it
 reads the package's plan and writes the table format that ``moec build`` reads from the spec field
@@ -21,6 +23,7 @@ Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -34,6 +37,10 @@ from .ops import moe_experts_triton
 
 MAX_PER_GEMM = 20  # candidates per GEMM and token count (3 passes: <= 2 + 40 timed configs)
 MAX_REL_ERR = 1e-2  # a candidate's output vs the default's (bf16 sums in another order: ~1e-3)
+# The fastest of ~40 noisy timings is biased low (the winner's curse): an OLMoE table whose search
+# found its tiles 1.02-1.06x faster was no faster in the layer (H200, bench/RESULTS.md, 2026-12-01).
+CONFIRM_ROUNDS = 3  # alternate timings of the default and the winner after the search
+MIN_GAIN = 0.02  # the winner's median must beat the default's by this fraction to be kept
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -190,17 +197,38 @@ def tune(
                     best, best_ms = cfg, ms
                 _progress(f"  T={T}: {tried} candidates timed ({side} pass), best {best_ms:.3f} ms")
         _progress("")
+        note = ""
+        if best != base:
+            keep, won_ms, base_ms = confirm(
+                lambda b=base: _time(lambda: run(b), rep_ms),
+                lambda b=best: _time(lambda: run(b), rep_ms),
+            )
+            if not keep:
+                note = f" (the search's {best_ms:.3f} ms was not confirmed: {won_ms:.3f} ms)"
+            best, best_ms = (best, won_ms) if keep else (base, base_ms)
         out[T] = {"up": asdict(best.up), "down": asdict(best.down), "ms": best_ms}
         out[T]["default_ms"] = base_ms
         log(
             f"  H={H} F={F} E={E} K={K} {weights} T={T}: {tried} candidates, default "
             f"{base_ms:.3f} ms -> "
             f"best {best_ms:.3f} ms ({base_ms / best_ms:.2f}x) up {_short(best.up)} "
-            f"down {_short(best.down)}"
+            f"down {_short(best.down)}{note}"
         )
         del x, ids, w, experts, y_ref
         torch.cuda.empty_cache()
     return out
+
+
+def confirm(time_default, time_winner, rounds=CONFIRM_ROUNDS, min_gain=MIN_GAIN):
+    """(keep the winner?, its median ms, the default's median ms): both re-timed ``rounds`` times,
+    alternately (so drift on the GPU hits both), the winner kept when its median is at least
+    ``min_gain`` below the default's."""
+    default_ms, winner_ms = [], []
+    for _ in range(rounds):
+        default_ms.append(time_default())
+        winner_ms.append(time_winner())
+    d, w = statistics.median(default_ms), statistics.median(winner_ms)
+    return w <= (1.0 - min_gain) * d, w, d
 
 
 def _progress(text: str) -> None:
