@@ -195,6 +195,37 @@ def test_experts_shapes(T, H, F, E, K, kw, dtype):
     assert rel_err(y, ref64(*args, **kw)) < TOL[dtype]
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MoeConfig(GemmConfig(32, 16, 16, 2, 4, 1), GemmConfig(32, 32, 16, 1, 4, 1)),
+        MoeConfig(GemmConfig(64, 16, 16, 2, 4, 1), GemmConfig(32, 16, 32, 4, 4, 1)),  # 2 per block
+    ],
+)
+@pytest.mark.parametrize(
+    "kw", [{}, dict(bias=True, glu_form="gpt_oss", limit=1.5), dict(weight_on_input=True)]
+)
+def test_experts_tail_tiles(monkeypatch, cfg, kw):
+    """An expert's last block holding at most half a block of slots runs a half-height tile:
+    equal to the reference, with experts ending in full blocks, in tails, and in both."""
+    from moe_kernels import grouped_gemm
+
+    monkeypatch.setattr(grouped_gemm, "TAIL_MIN_BLOCK_M", 32)
+    kw = dict(kw)
+    T, H, F, E, K = 45, 40, 24, 4, 2
+    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
+        T, H, F, E, K, torch.float32, kw.get("glu_form", "standard"), kw.pop("bias", False), seed=5
+    )
+    ids[:40, 0] = 0  # expert 0: 40+ slots (a full block and a tail); the rest spread
+    args = (x, ids, w, w_up, w_down, b_up, b_down)
+    counts = torch.bincount(ids.flatten().clamp(min=0), minlength=E)
+    tails = [c % cfg.up.block_m for c in counts.tolist()]
+    assert any(0 < t <= cfg.up.block_m // 2 for t in tails), tails  # the tail tile runs
+    assert any(t > cfg.up.block_m // 2 or t == 0 for t in tails), tails  # and the full one
+    y = mk.moe_experts_triton(*args, config=cfg, **kw)
+    assert rel_err(y, ref64(*args, **kw)) < TOL[torch.float32]
+
+
 def test_experts_default_config_fp32():
     args = make_experts(6, 40, 24, 5, 2, torch.float32, seed=3)
     assert rel_err(mk.moe_experts_triton(*args), ref64(*args)) < 1e-5

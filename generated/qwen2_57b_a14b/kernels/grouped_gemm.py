@@ -126,6 +126,12 @@ def _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M: tl.constexpr, BLOCK_M:
 
 
 @triton.jit
+def _block_rows(pid_m, sorted_ptr, N, BLOCK_M: tl.constexpr):
+    """Slots of row block pid_m (valid rows lead each expert's segment: they are the first ones)."""
+    return tl.sum((tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < N).to(tl.int32))
+
+
+@triton.jit
 def _up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, X, H]   X = 2F (gate rows, then up rows) or F
@@ -151,6 +157,7 @@ def _up_kernel(
     W_INT4: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     ALIGN_M: tl.constexpr,
+    TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -160,9 +167,40 @@ def _up_kernel(
     e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
     if e < 0:
         return
+    # A block holding at most TAIL_M slots (an expert's last) computes TAIL_M rows, not BLOCK_M.
+    if TAIL_M > 0:
+        if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= TAIL_M:
+            _up_tile(
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap,
+                up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED, W_INT4,
+                WEIGHT_ON_INPUT, TAIL_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        else:
+            _up_tile(
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap,
+                up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED, W_INT4,
+                WEIGHT_ON_INPUT, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+    else:
+        _up_tile(
+            x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap,
+            up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED, W_INT4,
+            WEIGHT_ON_INPUT, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _up_tile(
+    x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap, up_cap,
+    row0, pid_n, e, H: tl.constexpr, F: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr,
+    FORM: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, W_INT4: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the up GEMM, all of expert e."""
     GLU: tl.constexpr = FORM != "none"
     X: tl.constexpr = 2 * F if GLU else F
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ptr + offs_m)
     row_ok = slot < N
     tok = tl.where(row_ok, slot // TOPK, 0).to(tl.int64)  # padding rows read token 0, never stored
@@ -234,6 +272,7 @@ def _down_kernel(
     W_INT4: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     ALIGN_M: tl.constexpr,
+    TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -243,7 +282,32 @@ def _down_kernel(
     e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
     if e < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if TAIL_M > 0:  # as in _up_kernel
+        if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= TAIL_M:
+            _down_tile(
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
+                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        else:
+            _down_tile(
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
+                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+    else:
+        _down_tile(
+            h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
+            H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _down_tile(
+    h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, row0, pid_n, e, H: tl.constexpr,
+    F: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, W_INT4: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the down GEMM, all of expert e."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ptr + offs_m)
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -306,6 +370,16 @@ def _combine_kernel(
 # --------------------------------------------------------------------------------------------------
 # (kernel, tiles asked for, activation and weight dtypes, GLU form) -> the tiles that compiled
 _FITTED: dict[tuple, GemmConfig] = {}
+
+# Row blocks of at least this many rows run an expert's last block, when it holds at most half a
+# block of slots, as a half-height tile: at ~128 slots per expert (DeepSeek-V3, T=4096) about half
+# the experts end in a block of a few slots, and a full-height tile multiplies ~46% padding rows.
+TAIL_MIN_BLOCK_M = 128
+
+
+def _tail_m(block_m: int) -> int:
+    """TAIL_M of the kernels: the rows of the tile for a block's last few slots, 0 = no such tile."""
+    return block_m // 2 if block_m >= TAIL_MIN_BLOCK_M else 0
 
 
 def _launch(kernel, grid: tuple, config: GemmConfig, key: tuple, *args, **constexprs) -> None:
@@ -381,6 +455,7 @@ def up_proj(
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
         W_SCALED=w_up_scale_EX is not None, W_INT4=int4,
         WEIGHT_ON_INPUT=topk_weights_N is not None, ALIGN_M=align_m,
+        TAIL_M=_tail_m(config.block_m),
     )  # fmt: skip
     return h
 
@@ -413,7 +488,7 @@ def down_proj(
         sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
         H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
         W_INT4=w_down_EHF.dtype == torch.uint8, MUL_WEIGHT=topk_weights_N is not None,
-        ALIGN_M=align_m,
+        ALIGN_M=align_m, TAIL_M=_tail_m(config.block_m),
     )  # fmt: skip
     return o
 
