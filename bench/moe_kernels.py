@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moec/templates/ker
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels import grouped_gemm, permute  # noqa: E402
+from moe_kernels.combine import combine  # noqa: E402
 from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
 
 SHAPES = {  # H, F, E, K
@@ -161,7 +162,7 @@ def run_case(name, x, logits, ids, w, w_up, w_down, gmm_weights, peak, bw, tuned
     al = permute.align_by_expert(ids, E, cfg.block_m)
     row["align_graph_ms"] = graph_ms(lambda: permute.align_by_expert(ids, E, cfg.block_m))
     o = torch.randn(T * K, H, device="cuda", dtype=x.dtype)
-    row["combine_graph_ms"] = graph_ms(lambda: grouped_gemm.combine(o, ids, E))
+    row["combine_graph_ms"] = graph_ms(lambda: combine(o, ids, E))
     row["routing_ms"] = median_ms(lambda: mk.moe_routing(logits, K, norm="sum"))
     row["routing_graph_ms"] = graph_ms(lambda: mk.moe_routing(logits, K, norm="sum"))
     row["routing_torch_ms"] = median_ms(lambda: torch.softmax(logits, -1).topk(K, dim=-1), 50)

@@ -8,17 +8,14 @@
   The gate rows [0:F] and up rows [F:2F] of one output tile are computed by the same program (two
   accumulators over one pass of A), so the GLU runs in the epilogue and h is written once.
 - ``down_proj``: o[slot(p)] = w_slot · (h[p] @ w_down[e].T + b): rows go straight to token order.
-- ``combine``: y[t] = Σ_k o[t*K + k] over the slots of this group.
+- then ``combine.combine`` sums each token's K rows: y[t] = Σ_k o[t*K + k].
 
 Weight-only quantised experts (int8, fp8 e4m3, int4 packed two per byte) load their stored tiles,
-convert them to the activations' dtype in registers and multiply the accumulators by each weight
-row's scale, so the weights stream at their stored size.
+convert them to the activations' dtype in registers (``epilogue.weight_tile``) and multiply the
+accumulators by each weight row's scale, so the weights stream at their stored size.
 
-Combine strategy: the down GEMM writes a [N, H] buffer in slot order (every slot written at most
-once), then ``combine`` sums each token's K rows in a fixed order. This is deterministic (atomics
-into y would make the float sum order vary run to run) and costs one extra pass over N*H elements
-at full bandwidth: on an H100, 1-2% of the layer for Mixtral / DeepSeek-V3 shapes and 6-8% for
-fine-grained experts at large T (Qwen3-30B-A3B, T=16384: 0.20 of 2.6 ms).
+Tail tiles: with tiles of ``TAIL_MIN_BLOCK_M`` rows or more, a row block holding at most half a
+block of slots (an expert's last) runs a half-height tile, so its padding rows are not multiplied.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K slots,
 P padded rows (multiple of BLOCK_M), X = 2F (GLU) or F (plain MLP).
@@ -31,71 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .configs import GemmConfig, cdiv, next_power_of_2
-
-
-# --------------------------------------------------------------------------------------------------
-# Elementwise epilogues
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _act(x, ACT: tl.constexpr):
-    if ACT == "silu":
-        return x * tl.sigmoid(x)
-    elif ACT == "gelu":
-        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == "gelu_tanh":
-        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    elif ACT == "relu":
-        return tl.maximum(x, 0.0)
-    elif ACT == "relu2":
-        r = tl.maximum(x, 0.0)
-        return r * r
-    else:  # sigmoid
-        return tl.sigmoid(x)
-
-
-@triton.jit
-def _glu(g, u, limit, alpha, gate_cap, up_cap, ACT: tl.constexpr, FORM: tl.constexpr):
-    if FORM == "none":
-        return _act(g, ACT)
-    elif FORM == "standard":
-        return _act(g, ACT) * u
-    elif FORM == "clamp_then_act":
-        return _act(tl.minimum(g, limit), ACT) * tl.minimum(tl.maximum(u, -limit), limit)
-    elif FORM == "act_then_clamp":
-        return tl.minimum(_act(g, ACT), limit) * tl.minimum(tl.maximum(u, -limit), limit)
-    elif FORM == "gpt_oss":
-        g = tl.minimum(g, limit)
-        return (tl.minimum(tl.maximum(u, -limit), limit) + 1.0) * g * tl.sigmoid(alpha * g)
-    else:  # softcap_sigmoid
-        return gate_cap * _tanh(g / gate_cap) * tl.sigmoid(g) * up_cap * _tanh(u / up_cap)
-
-
-# --------------------------------------------------------------------------------------------------
-# Weight tiles
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _weight_tile(b, dtype, W_INT4: tl.constexpr):
-    """A loaded weight tile in the activations' dtype. int4: ``b`` is [BLOCK_K // 2, BLOCK_N] bytes
-    holding two values each along K (low nibble = even k, value = nibble - 8); int8 / fp8 e4m3 /
-    float: converted as is (int8, int4 and e4m3 values are exact in bf16 / fp16).
-
-    A nibble n becomes a float32 without an int-to-float conversion: the bits 0x4B000000 | n are
-    the float 2^23 + n, so one integer OR and one subtraction of 2^23 + 8 give n - 8 (15-20% faster
-    int4 layers at T <= 256 on an H200 than converting int8 values; bench/RESULTS.md, 2026-12-01).
-    """
-    if W_INT4:
-        low = (b & 0xF).to(tl.int32) | 0x4B000000
-        high = (b >> 4).to(tl.int32) | 0x4B000000
-        pairs = tl.permute(tl.join(low, high), (0, 2, 1))  # [BLOCK_K // 2, 2, BLOCK_N]
-        bits = tl.reshape(pairs, (2 * b.shape[0], b.shape[1]))
-        b = bits.to(tl.float32, bitcast=True) - 8388616.0  # 8388616 = 2^23 + 8
-    return b.to(dtype)  # one return: Triton 3.6 rejects a constexpr branch returning another shape
+from .configs import GemmConfig, cdiv
+from .epilogue import glu, weight_tile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,13 +160,13 @@ def _up_tile(
             kw_ok = offs_kw < KW - k * BKW
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=kw_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, _weight_tile(bg, a.dtype, W_INT4), acc_g)
+        acc_g = tl.dot(a, weight_tile(bg, a.dtype, W_INT4), acc_g)
         if GLU:
             if EVEN_K:
                 bu = tl.load(g_ptrs + F * KW)
             else:
                 bu = tl.load(g_ptrs + F * KW, mask=kw_ok[:, None], other=0.0)
-            acc_u = tl.dot(a, _weight_tile(bu, a.dtype, W_INT4), acc_u)
+            acc_u = tl.dot(a, weight_tile(bu, a.dtype, W_INT4), acc_u)
         a_ptrs += BLOCK_K
         g_ptrs += BKW
 
@@ -248,7 +182,7 @@ def _up_tile(
         acc_g += tl.load(b_ptr + e * X + offs_wn).to(tl.float32)[None, :]
         if GLU:
             acc_u += tl.load(b_ptr + e * X + F + offs_wn).to(tl.float32)[None, :]
-    h = _glu(acc_g, acc_u, limit, alpha, gate_cap, up_cap, ACT, FORM)
+    h = glu(acc_g, acc_u, limit, alpha, gate_cap, up_cap, ACT, FORM)
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < F)[None, :])
 
@@ -329,7 +263,7 @@ def _down_tile(
             k_ok = offs_k < F - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0.0)
-        acc = tl.dot(a, _weight_tile(b, a.dtype, W_INT4), acc)
+        acc = tl.dot(a, weight_tile(b, a.dtype, W_INT4), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BKW
 
@@ -341,28 +275,6 @@ def _down_tile(
         acc = acc * tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
     o_ptrs = out_ptr + slot[:, None].to(tl.int64) * H + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < H)[None, :])
-
-
-@triton.jit
-def _combine_kernel(
-    o_ptr,  # [N, H] per-slot outputs
-    ids_ptr,  # [N] int32 global expert ids
-    y_ptr,  # [T, H] out
-    first_expert,
-    E: tl.constexpr,
-    H: tl.constexpr,
-    TOPK: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for k in tl.static_range(TOPK):
-        e = tl.load(ids_ptr + t * TOPK + k)
-        mine = (e >= first_expert) & (e < first_expert + E)  # also false for dropped (-1) slots
-        mask = (offs < H) & (tl.zeros([BLOCK_H], tl.int32) + mine.to(tl.int32) != 0)
-        acc += tl.load(o_ptr + (t * TOPK + k) * H + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * H + offs, acc.to(y_ptr.dtype.element_ty), mask=offs < H)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,20 +403,3 @@ def down_proj(
         ALIGN_M=align_m, TAIL_M=_tail_m(config.block_m),
     )  # fmt: skip
     return o
-
-
-def combine(
-    o_NH: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, first_expert_id: int = 0
-) -> torch.Tensor:
-    """y_TH = Σ_k o[t*K + k] over the slots whose id is in [first, first+E) (fixed order)."""
-    T, K = topk_ids_TK.shape
-    H = o_NH.shape[1]
-    y = torch.empty(T, H, dtype=o_NH.dtype, device=o_NH.device)
-    if T == 0:
-        return y
-    BLOCK_H = min(1024, next_power_of_2(H))
-    _combine_kernel[(T, cdiv(H, BLOCK_H))](
-        o_NH, topk_ids_TK, y, first_expert_id, E=num_experts, H=H, TOPK=K, BLOCK_H=BLOCK_H,
-        num_warps=4,
-    )  # fmt: skip
-    return y

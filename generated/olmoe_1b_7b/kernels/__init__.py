@@ -5,8 +5,9 @@
 """Triton kernels for one MoE layer: fused routing, expert alignment, grouped GEMMs with the GLU
 and routing weight fused, and their ``torch.library`` ops.
 
-Layers: ``routing`` / ``permute`` / ``grouped_gemm`` (Triton kernels and launchers) → ``ops``
-(custom ops with autograd; the public API) — with ``reference`` (plain-torch oracles) beside them.
+Layers: ``routing`` / ``permute`` / ``grouped_gemm`` (with ``epilogue``) / ``combine`` (Triton
+kernels and launchers) → ``ops`` (custom ops with autograd; the public API) — with ``reference``
+(plain-torch oracles) beside them.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K slots.
 """

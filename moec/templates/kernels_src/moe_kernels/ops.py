@@ -1,8 +1,8 @@
 """The public ops: routing and expert compute as ``torch.library`` custom ops with autograd.
 
-Layering (as in ScatterMoE): Triton kernels (``routing``, ``permute``, ``grouped_gemm``) → these
-custom ops (fake implementations for ``torch.compile``, autograd formulas) → thin Python functions
-``moe_routing`` / ``moe_experts`` with keyword defaults.
+Layering (as in ScatterMoE): Triton kernels (``routing``, ``permute``, ``grouped_gemm``,
+``combine``) → these custom ops (fake implementations for ``torch.compile``, autograd formulas) →
+thin Python functions ``moe_routing`` / ``moe_experts`` with keyword defaults.
 
 Dispatch: CUDA tensors (or any tensors when this package was imported under ``TRITON_INTERPRET=1``)
 run the Triton kernels; other tensors run the plain-torch oracle in ``reference``, so the ops also
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backward, grouped_gemm, permute, reference, routing
+from .combine import combine
 from .configs import MoeConfig, pick_config
 
 NAMESPACE = (__package__ or "moe_kernels").replace(".", "_")
@@ -213,7 +214,7 @@ def moe_experts_triton(
         h_PF, w_down_EHF, b_down_EH, None if weight_on_input else rw_N, al.sorted_slot_ids_P,
         al.expert_of_block_B, T * K, config.down, _scale(w_down_scale_EH),
     )  # fmt: skip
-    return grouped_gemm.combine(o_NH, ids, E, first_expert_id)
+    return combine(o_NH, ids, E, first_expert_id)
 
 
 def _scale(scale: Tensor | None) -> Tensor | None:
