@@ -180,7 +180,7 @@ def mutated(draw):
                 break
             key = draw(st.sampled_from(keys))
             if isinstance(node[key], (dict, list)) and draw(st.booleans()):
-                node = node[key]
+                node, key = node[key], None  # an empty container ends the walk with no key
                 continue
             break
         action = draw(st.sampled_from(["delete", "junk", "unknown"]))
