@@ -1,11 +1,13 @@
 """Time a training step of the generated layer on one GPU: forward, and forward + backward.
 
-    python bench/moe_train_step.py [--shapes qwen3_30b_a3b,...] [--tokens 4096]
+    python bench/moe_train_step.py [--shapes qwen3_30b_a3b,...] [--tokens 4096] [--grouped-backward]
 
 For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
 bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
 under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients.
-The backward of the Triton path is the plain-torch recomputation in ``kernels/ops.py``.
+The Triton path's backward is ``kernels/backward.py``: six grouped GEMMs from 16 experts up
+(``MIN_EXPERTS``), the per-expert loop below; ``--grouped-backward`` uses the grouped GEMMs for every
+shape (to compare the two on Mixtral's 8 experts).
 """
 
 import argparse
@@ -37,6 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="mixtral_8x7b,qwen3_30b_a3b,olmoe_1b_7b")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--grouped-backward", action="store_true", help="grouped GEMMs at any E")
     args = ap.parse_args()
     print("| shape | T | backend | forward ms | forward + backward ms |")
     print("|---|---|---|---|---|")
@@ -44,6 +47,8 @@ def main():
         pkg = importlib.import_module(name)
         torch.manual_seed(0)
         layer = pkg.MoELayer(torch.bfloat16, device="cuda")
+        if args.grouped_backward:
+            importlib.import_module(f"{name}.kernels.backward").MIN_EXPERTS = 1
         x = torch.randn(args.tokens, pkg.layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
         g = torch.randn_like(x)
         x.requires_grad_()

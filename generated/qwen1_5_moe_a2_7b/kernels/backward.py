@@ -95,13 +95,18 @@ def experts_backward(
     gate_softcap: float,
     up_softcap: float,
     weight_on_input: bool,
-    min_experts: int = MIN_EXPERTS,
+    min_experts: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None] | None:
     """(dx, d routing weights, d w_up, d w_down, d b_up, d b_down), or None (use the oracle):
-    fewer than ``min_experts`` experts, or tensors ``torch._grouped_mm`` does not take."""
+    fewer than ``min_experts`` experts (default: ``MIN_EXPERTS``, read at the call), or tensors
+    ``torch._grouped_mm`` does not take."""
     key = (x_TH.device.type, x_TH.dtype)
     E, X, H = w_up_EXH.shape
-    if E < min_experts or not hasattr(torch, "_grouped_mm") or key in _REFUSED:
+    if (
+        E < (MIN_EXPERTS if min_experts is None else min_experts)
+        or not hasattr(torch, "_grouped_mm")
+        or key in _REFUSED
+    ):
         return None
     elt = x_TH.element_size()
     F = w_down_EHF.shape[2]
