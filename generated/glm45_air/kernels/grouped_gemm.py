@@ -102,6 +102,7 @@ def _up_kernel(
     if e < 0:
         return
     # A block holding at most TAIL_M slots (an expert's last) computes TAIL_M rows, not BLOCK_M.
+    # The constexpr test comes first, so that without tail tiles no 0-row tile is compiled.
     if TAIL_M > 0:
         if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= TAIL_M:
             _up_tile(

@@ -2,15 +2,26 @@
 # spec: specs/examples/hetero_small.yaml (sha256 356b7e5f8b6a5ee655023e1aee6b1e951a585b8dc773ccca979a1dc68cef6e64)
 # template: kernels_src/moe_kernels/configs.py
 # regenerate: moec build specs/examples/hetero_small.yaml -o generated/hetero_small
-"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables.
+"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables;
+and the host-side helpers every launcher uses.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
 """
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
+
+# Triton decides at decoration (import) time whether kernels are interpreted; follow the same
+# decision, so CPU tensors reach the kernels exactly when the kernels can run on the CPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take ``t``: a CUDA tensor, or any under the interpreter."""
+    return t.is_cuda or INTERPRETED
 
 
 def cdiv(a: int, b: int) -> int:

@@ -2,15 +2,26 @@
 # spec: specs/llama4_scout.yaml (sha256 abc12fec1d11f88999a3481b9f707068e226e9964217110cafdecdbd71d6a604)
 # template: kernels_src/moe_kernels/configs.py
 # regenerate: moec build specs/llama4_scout.yaml -o generated/llama4_scout
-"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables.
+"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables;
+and the host-side helpers every launcher uses.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
 """
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
+
+# Triton decides at decoration (import) time whether kernels are interpreted; follow the same
+# decision, so CPU tensors reach the kernels exactly when the kernels can run on the CPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take ``t``: a CUDA tensor, or any under the interpreter."""
+    return t.is_cuda or INTERPRETED
 
 
 def cdiv(a: int, b: int) -> int:

@@ -2,15 +2,26 @@
 # spec: specs/qwen2_57b_a14b.yaml (sha256 fb164d2640963ad04693f7b98da1f28f964df0074da0f9d48db97f326ec79008)
 # template: kernels_src/moe_kernels/configs.py
 # regenerate: moec build specs/qwen2_57b_a14b.yaml -o generated/qwen2_57b_a14b
-"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables.
+"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables;
+and the host-side helpers every launcher uses.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
 """
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
+
+# Triton decides at decoration (import) time whether kernels are interpreted; follow the same
+# decision, so CPU tensors reach the kernels exactly when the kernels can run on the CPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take ``t``: a CUDA tensor, or any under the interpreter."""
+    return t.is_cuda or INTERPRETED
 
 
 def cdiv(a: int, b: int) -> int:

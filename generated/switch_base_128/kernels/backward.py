@@ -20,15 +20,13 @@ or refuses these tensors, and the caller differentiates the oracle instead (``or
 H hidden, F expert width, X = 2F (GLU) or F, E experts, K top-k, N rows of this group's slots.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .configs import cdiv
+from .configs import cdiv, use_triton
 
 _REFUSED: set[tuple] = set()  # (device type, dtype) where _grouped_mm failed once: do not retry
 
@@ -61,7 +59,7 @@ def zero_empty_experts(d_w_E: Tensor, counts_E: Tensor) -> Tensor:
     M = d_w_E[0].numel() if E else 0
     if M == 0:
         return d_w_E
-    if d_w_E.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if use_triton(d_w_E):
         BLOCK = 4096
         grid = (E, min(cdiv(M, BLOCK), 16))
         _zero_empty_kernel[grid](d_w_E, counts_E.to(torch.int32), M, BLOCK=BLOCK, num_warps=4)

@@ -24,7 +24,6 @@ Shape legend: T tokens, H hidden, F expert width, E experts (of this group), K t
 X = 2F (GLU) or F (plain MLP).
 """
 
-import os
 from typing import Optional
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from . import backward, grouped_gemm, permute, reference, routing
 from .combine import combine
-from .configs import MoeConfig, pick_config
+from .configs import MoeConfig, pick_config, use_triton
 
 NAMESPACE = (__package__ or "moe_kernels").replace(".", "_")
 
@@ -54,15 +53,6 @@ def register_configs(H: int, F: int, E: int, K: int, table: dict, weights: str =
     if weights not in ("dense", *QUANTIZED_FORMATS.values()):
         raise ValueError(f"weights must be 'dense', 'int8', 'int4' or 'fp8' (got {weights!r})")
     _CONFIG_TABLES[(H, F, E, K, weights)] = dict(table)
-
-
-# Triton decides at decoration (import) time whether kernels are interpreted; follow the same
-# decision, so CPU tensors reach the kernels exactly when the kernels can run on the CPU.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRETED
 
 
 def _op_needed(*tensors: Tensor | None) -> bool:
@@ -95,7 +85,7 @@ def _routing_op(
     norm_p: float,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    fn = routing.moe_routing if _use_triton(logits_TE) else reference.moe_routing
+    fn = routing.moe_routing if use_triton(logits_TE) else reference.moe_routing
     ids, w = fn(
         logits_TE, top_k, selection_bias_E, score, topk_on, n_group, topk_group, group_score,
         group_masked_value, weights_from_masked, norm, norm_eps, norm_clamp_min, norm_p, scale,
@@ -161,7 +151,7 @@ def moe_routing(
     """
     op = _routing_op
     if not _op_needed(logits_TE, selection_bias_E):
-        op = routing.moe_routing if _use_triton(logits_TE) else reference.moe_routing
+        op = routing.moe_routing if use_triton(logits_TE) else reference.moe_routing
     return op(
         logits_TE, top_k, selection_bias_E, score, topk_on, n_group, topk_group, group_score,
         group_masked_value, weights_from_masked, norm, norm_eps, norm_clamp_min, norm_p, scale,
@@ -250,7 +240,7 @@ def _experts_op(
     w_up_scale_EX: Optional[Tensor] = None,  # noqa: UP045
     w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
 ) -> Tensor:
-    fn = moe_experts_triton if _use_triton(x_TH) else reference.moe_experts
+    fn = moe_experts_triton if use_triton(x_TH) else reference.moe_experts
     return fn(
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
@@ -395,7 +385,7 @@ def moe_experts(
     """
     op = _experts_op
     if not _op_needed(x_TH, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH):
-        op = moe_experts_triton if _use_triton(x_TH) else reference.moe_experts
+        op = moe_experts_triton if use_triton(x_TH) else reference.moe_experts
     return op(
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,

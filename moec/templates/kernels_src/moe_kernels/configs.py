@@ -1,12 +1,23 @@
-"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables.
+"""Tile configurations of the grouped GEMMs: a shape- and token-count-aware default, and tables;
+and the host-side helpers every launcher uses.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k.
 """
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
+
+# Triton decides at decoration (import) time whether kernels are interpreted; follow the same
+# decision, so CPU tensors reach the kernels exactly when the kernels can run on the CPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take ``t``: a CUDA tensor, or any under the interpreter."""
+    return t.is_cuda or INTERPRETED
 
 
 def cdiv(a: int, b: int) -> int:
