@@ -5,8 +5,8 @@
 """Grouped GEMMs over expert-sorted slots, with the GLU and the routing weight fused.
 
 - ``up_proj``: h[p] = glu(x[token(p)] @ w_gate_up[e].T + b) for each padded row p of expert e.
-  The gate rows [0:F] and up rows [F:2F] of one output tile are computed by the same program (two
-  accumulators over one pass of A), so the GLU runs in the epilogue and h is written once.
+  The gate rows [0:F] and up rows [F:2F] of one output tile are computed by the same program (one
+  dot over their columns interleaved), so the GLU runs in the epilogue and h is written once.
 - ``down_proj``: o[slot(p)] = w_slot · (h[p] @ w_down[e].T + b): rows go straight to token order.
 - then ``combine.combine`` sums each token's K rows: y[t] = Σ_k o[t*K + k].
 
@@ -148,41 +148,40 @@ def _up_tile(
 
     a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
     w_e = w_ptr + e.to(tl.int64) * (X * KW)
-    g_ptrs = w_e + offs_wn[None, :] * KW + offs_kw[:, None]  # [BKW, BLOCK_N] view of W.T
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     EVEN_K: tl.constexpr = H % BLOCK_K == 0  # no masks in the main loop (the usual case)
+    if GLU:
+        # One dot over 2*BLOCK_N columns, gate and up interleaved (even = gate, odd = up): A is
+        # read once per K step and the tensor cores run their widest instruction (1.00-1.04x
+        # the expert path against two dots sharing A; H200, bench/RESULTS.md 2026-12-01).
+        j = tl.arange(0, 2 * BLOCK_N)
+        offs_wr = (pid_n * BLOCK_N + j // 2) % F + (j % 2) * F  # weight row of each column
+        NB: tl.constexpr = 2 * BLOCK_N
+    else:
+        offs_wr = offs_wn
+        NB: tl.constexpr = BLOCK_N
+    b_ptrs = w_e + offs_wr[None, :] * KW + offs_kw[:, None]  # [BKW, NB] view of W.T
+    acc = tl.zeros([BLOCK_M, NB], dtype=tl.float32)
     for k in range(0, tl.cdiv(H, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            bg = tl.load(g_ptrs)
+            b = tl.load(b_ptrs)
         else:
-            k_ok = offs_k < H - k * BLOCK_K
-            kw_ok = offs_kw < KW - k * BKW
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=kw_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, weight_tile(bg, a.dtype, W_INT4), acc_g)
-        if GLU:
-            if EVEN_K:
-                bu = tl.load(g_ptrs + F * KW)
-            else:
-                bu = tl.load(g_ptrs + F * KW, mask=kw_ok[:, None], other=0.0)
-            acc_u = tl.dot(a, weight_tile(bu, a.dtype, W_INT4), acc_u)
+            a = tl.load(a_ptrs, mask=(offs_k < H - k * BLOCK_K)[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0.0)
+        acc = tl.dot(a, weight_tile(b, a.dtype, W_INT4), acc)
         a_ptrs += BLOCK_K
-        g_ptrs += BKW
+        b_ptrs += BKW
 
-    if W_SCALED:  # x (q * s).T == (x q.T) * s: one scale per output column of the tile
-        acc_g = acc_g * tl.load(s_ptr + e * X + offs_wn)[None, :]
-        if GLU:
-            acc_u = acc_u * tl.load(s_ptr + e * X + F + offs_wn)[None, :]
+    if W_SCALED:  # x (q * s).T == (x q.T) * s: one scale per weight row, i.e. per column here
+        acc = acc * tl.load(s_ptr + e * X + offs_wr)[None, :]
     if WEIGHT_ON_INPUT:  # (w x) W.T == w (x W.T): scale the rows before the bias
-        rw = tl.load(rw_ptr + slot, mask=row_ok, other=0.0)
-        acc_g = acc_g * rw[:, None]
-        acc_u = acc_u * rw[:, None]
+        acc = acc * tl.load(rw_ptr + slot, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e * X + offs_wn).to(tl.float32)[None, :]
-        if GLU:
-            acc_u += tl.load(b_ptr + e * X + F + offs_wn).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + e * X + offs_wr).to(tl.float32)[None, :]
+    if GLU:
+        acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        acc_g, acc_u = acc, acc  # glu() ignores u without a GLU
     h = glu(acc_g, acc_u, limit, alpha, gate_cap, up_cap, ACT, FORM)
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < F)[None, :])
