@@ -343,8 +343,14 @@ def test_reference_experts_backward_takes_each_weight_once():
         ("standard", True, False, 0, 3),  # experts 3 and 4 get no rows
     ],
 )
-def test_grouped_gemm_backward_matches_the_oracle(glu_form, bias, weight_on_input, first, id_hi):
-    """The six-grouped-GEMM backward equals autograd through the oracle (float64 reference)."""
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_grouped_gemm_backward_matches_the_oracle(
+    monkeypatch, glu_form, bias, weight_on_input, first, id_hi, interpreted
+):
+    """The six-grouped-GEMM backward equals autograd through the oracle (float64 reference), with
+    its elementwise pieces as Triton kernels (interpreter) and as their plain-torch twins."""
+    if not interpreted:
+        monkeypatch.setattr(backward, "use_triton", lambda t: False)
     T, H, F, E, K = 11, 16, 8, 5, 3
     x, ids, w, w_up, w_down, b_up, b_down = make_experts(
         T, H, F, E, K, torch.float32, glu_form, bias, seed=3, id_hi=id_hi
@@ -364,6 +370,56 @@ def test_grouped_gemm_backward_matches_the_oracle(glu_form, bias, weight_on_inpu
     names = ["dx", "dw", "dw_up", "dw_down"] + (["db_up", "db_down"] if bias else [])
     for name, a, b in zip(names, got, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("form", reference.GLU_FORMS)
+@pytest.mark.parametrize("act", reference.ACTIVATIONS)
+def test_glu_rows_and_vjp_match_autograd(act, form):
+    """The backward's GLU kernel and its hand-written vjp equal the oracle's GLU and autograd's vjp
+    of it (float64), for every activation and form, with a bias per expert; the pre-activations
+    straddle the clamp limit and the kinks."""
+    N, F, E = 37, 12, 3
+    X = F if form == "none" else 2 * F
+    gen = torch.Generator().manual_seed(7)
+    gu = torch.randn(N, X, generator=gen) * 2.5
+    b = torch.randn(E, X, generator=gen) * 0.3
+    e = torch.randint(0, E, (N,), generator=gen)
+    d_h = torch.randn(N, F, generator=gen)
+    b[0] = 0.0  # rows of expert 0 hit the kinks and the clamp bounds exactly
+    kinks = torch.tensor([0.0, 1.5, -1.5, 0.0, 1.5, -1.5])
+    gu[e == 0, :6] = kinks
+    gu[e == 0, X - 6 :] = kinks
+    glu_args = (b, e, act, form, 1.5, 1.7, 2.0, 3.0)
+
+    def oracle(gu64):
+        gu64 = gu64 + b.double()[e]
+        g, u = (gu64, None) if form == "none" else gu64.chunk(2, dim=-1)
+        return reference.glu(g, u, act, form, 1.5, 1.7, 2.0, 3.0)
+
+    h_want, vjp = torch.func.vjp(oracle, gu.double())
+    torch.testing.assert_close(
+        backward.glu_rows(gu, *glu_args).double(), h_want, rtol=1e-5, atol=1e-5
+    )
+    d_gu = backward.glu_rows_vjp(gu, d_h, *glu_args)
+    torch.testing.assert_close(d_gu.double(), vjp(d_h.double())[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_dot_and_scale(monkeypatch, interpreted):
+    """Row dots (with an expert bias on a) and the scaled rows, kernel and plain-torch twin."""
+    if not interpreted:
+        monkeypatch.setattr(backward, "use_triton", lambda t: False)
+    gen = torch.Generator().manual_seed(3)
+    N, H, E, R = 9, 1100, 4, 5  # H over one kernel block
+    a, b_R = torch.randn(N, H, generator=gen), torch.randn(R, H, generator=gen)
+    bias, e = torch.randn(E, H, generator=gen), torch.randint(0, E, (N,), generator=gen)
+    idx, rw = torch.randint(0, R, (N,), generator=gen), torch.rand(N, generator=gen)
+    dot, scaled = backward.dot_and_scale(a, bias, e, b_R, idx, rw, scale_a=False)
+    torch.testing.assert_close(dot, ((a + bias[e]) * b_R[idx]).sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(scaled, b_R[idx] * rw[:, None])
+    dot, scaled = backward.dot_and_scale(a, None, e, b_R, idx, rw, scale_a=True)
+    torch.testing.assert_close(dot, (a * b_R[idx]).sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(scaled, a * rw[:, None])
 
 
 @pytest.mark.parametrize("interpreted", [True, False])

@@ -52,6 +52,67 @@ def glu(g, u, limit, alpha, gate_cap, up_cap, ACT: tl.constexpr, FORM: tl.conste
         return gate_cap * tanh(g / gate_cap) * tl.sigmoid(g) * up_cap * tanh(u / up_cap)
 
 
+@triton.jit
+def act_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx (at a kink, the side PyTorch's autograd takes: relu'(0) = 0)."""
+    if ACT == "silu":
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    elif ACT == "gelu":  # Φ(x) + x φ(x)
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(
+            -0.5 * x * x
+        )
+    elif ACT == "gelu_tanh":
+        t = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        return 0.5 * (1.0 + t) + 0.5 * x * dt
+    elif ACT == "relu":
+        return tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == "relu2":
+        return 2.0 * tl.maximum(x, 0.0)
+    else:  # sigmoid
+        s = tl.sigmoid(x)
+        return s * (1.0 - s)
+
+
+@triton.jit
+def glu_vjp(g, u, dh, limit, alpha, gate_cap, up_cap, ACT: tl.constexpr, FORM: tl.constexpr):
+    """(dg, du): the vector-Jacobian product of ``glu`` at (g, u) with dh (du = 0 for "none").
+    Clamps pass the gradient where the input is inside the bounds, ends included (as
+    ``torch.clamp``'s backward)."""
+    if FORM == "none":
+        return dh * act_grad(g, ACT), 0.0 * u
+    elif FORM == "standard":
+        return dh * u * act_grad(g, ACT), dh * act(g, ACT)
+    elif FORM == "clamp_then_act":
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        g_in = tl.where(g <= limit, 1.0, 0.0)
+        u_in = tl.where((u >= -limit) & (u <= limit), 1.0, 0.0)
+        return dh * uc * act_grad(gc, ACT) * g_in, dh * act(gc, ACT) * u_in
+    elif FORM == "act_then_clamp":
+        a = act(g, ACT)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        a_in = tl.where(a <= limit, 1.0, 0.0)
+        u_in = tl.where((u >= -limit) & (u <= limit), 1.0, 0.0)
+        return dh * uc * act_grad(g, ACT) * a_in, dh * tl.minimum(a, limit) * u_in
+    elif FORM == "gpt_oss":
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        s = tl.sigmoid(alpha * gc)
+        g_in = tl.where(g <= limit, 1.0, 0.0)
+        u_in = tl.where((u >= -limit) & (u <= limit), 1.0, 0.0)
+        d_glu = s + alpha * gc * s * (1.0 - s)
+        return dh * (uc + 1.0) * d_glu * g_in, dh * gc * s * u_in
+    else:  # softcap_sigmoid: A(g) B(u), A = gc tanh(g / gc) sigmoid(g), B = uc tanh(u / uc)
+        tg = tanh(g / gate_cap)
+        tu = tanh(u / up_cap)
+        s = tl.sigmoid(g)
+        a = gate_cap * tg * s
+        da = (1.0 - tg * tg) * s + a * (1.0 - s)
+        return dh * up_cap * tu * da, dh * a * (1.0 - tu * tu)
+
+
 # --------------------------------------------------------------------------------------------------
 # Weight tiles
 # --------------------------------------------------------------------------------------------------

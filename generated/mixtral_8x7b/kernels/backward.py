@@ -14,6 +14,10 @@ The forward is recomputed (routing held fixed) in expert-sorted row order, then
 
 six grouped GEMMs in all, against a per-expert loop of small GEMMs and its autograd tape. GEMMs run
 in the activations' dtype with float32 accumulation, elementwise work in float32, as the forward.
+Tensors stay in the activations' dtype between the GEMMs: the GLU and its vjp, the routing-weight
+products and the sum over each token's rows are Triton kernels that compute in float32 in registers
+(``glu_rows``, ``glu_rows_vjp``, ``dot_and_scale``, ``combine``), with plain-torch twins where Triton
+cannot run.
 
 ``torch._grouped_mm`` is a private PyTorch op: ``experts_backward`` returns None when it is missing
 or refuses these tensors, and the caller differentiates the oracle instead (``oracle_vjp``). Shape legend: T tokens,
@@ -26,7 +30,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .configs import cdiv, use_triton
+from .combine import combine
+from .configs import cdiv, next_power_of_2, use_triton
+from .epilogue import glu, glu_vjp
 
 _REFUSED: set[tuple] = set()  # (device type, dtype) where _grouped_mm failed once: do not retry
 
@@ -66,6 +72,164 @@ def zero_empty_experts(d_w_E: Tensor, counts_E: Tensor) -> Tensor:
     else:
         d_w_E.masked_fill_((counts_E == 0).view(E, *[1] * (d_w_E.dim() - 1)), 0)
     return d_w_E
+
+
+# --------------------------------------------------------------------------------------------------
+# Elementwise pieces: Triton kernels and their plain-torch twins
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _glu_rows_kernel(
+    gu_ptr,  # [N, X] gate and up pre-activations (no bias)
+    b_ptr,  # [E, X] (if HAS_BIAS)
+    e_ptr,  # [N] local expert of each row (if HAS_BIAS)
+    dh_ptr,  # [N, F] (if VJP)
+    out_ptr,  # [N, F] h, or [N, X] d_gu (if VJP)
+    total,  # N * F
+    limit,
+    alpha,
+    gate_cap,
+    up_cap,
+    F: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    VJP: tl.constexpr,
+    ACT: tl.constexpr,
+    FORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    GLU: tl.constexpr = FORM != "none"
+    X: tl.constexpr = 2 * F if GLU else F
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    n = offs // F
+    f = offs % F
+    g = tl.load(gu_ptr + n * X + f, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + n * X + F + f, mask=ok, other=0.0).to(tl.float32) if GLU else g
+    if HAS_BIAS:
+        e = tl.load(e_ptr + n, mask=ok, other=0).to(tl.int64)
+        g += tl.load(b_ptr + e * X + f, mask=ok, other=0.0).to(tl.float32)
+        if GLU:
+            u += tl.load(b_ptr + e * X + F + f, mask=ok, other=0.0).to(tl.float32)
+    if VJP:
+        dh = tl.load(dh_ptr + n * F + f, mask=ok, other=0.0).to(tl.float32)
+        dg, du = glu_vjp(g, u, dh, limit, alpha, gate_cap, up_cap, ACT, FORM)
+        tl.store(out_ptr + n * X + f, dg.to(out_ptr.dtype.element_ty), mask=ok)
+        if GLU:
+            tl.store(out_ptr + n * X + F + f, du.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        h = glu(g, u, limit, alpha, gate_cap, up_cap, ACT, FORM)
+        tl.store(out_ptr + n * F + f, h.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tensor:
+    """The GLU of [N, X] pre-activations (+ each row's expert bias) in float32 (plain torch)."""
+    gu = gu_NX.float() if b_EX is None else gu_NX.float() + b_EX[e_N].float()
+    g, u = (gu, None) if form == "none" else gu.chunk(2, dim=-1)
+    return reference.glu(g, u, act, form, limit, alpha, gate_cap, up_cap)
+
+
+def _glu_launch(gu_NX, b_EX, e_N, dh_NF, out, act, form, limit, alpha, gate_cap, up_cap):
+    N, F = gu_NX.shape[0], out.shape[1] if dh_NF is None else dh_NF.shape[1]
+    BLOCK = 1024
+    _glu_rows_kernel[(cdiv(N * F, BLOCK),)](
+        gu_NX, b_EX if b_EX is not None else gu_NX, e_N, dh_NF if dh_NF is not None else gu_NX,
+        out, N * F, float(limit), float(alpha), float(gate_cap), float(up_cap), F=F,
+        HAS_BIAS=b_EX is not None, VJP=dh_NF is not None, ACT=act, FORM=form, BLOCK=BLOCK,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def glu_rows(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tensor:
+    """h_NF = glu(gu + b[e]) in gu's dtype, computed in float32."""
+    N, X = gu_NX.shape
+    F = X if form == "none" else X // 2
+    if not use_triton(gu_NX):
+        return _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap).to(gu_NX.dtype)
+    h = torch.empty(N, F, dtype=gu_NX.dtype, device=gu_NX.device)
+    if N:
+        _glu_launch(gu_NX, b_EX, e_N, None, h, act, form, limit, alpha, gate_cap, up_cap)
+    return h
+
+
+def glu_rows_vjp(gu_NX, d_h_NF, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tensor:
+    """d_gu_NX: the vjp of ``glu_rows`` at gu with d_h, in gu's dtype (computed in float32)."""
+    if not use_triton(gu_NX):
+
+        def f(gu):
+            return _glu32(gu, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap)
+
+        _, vjp = torch.func.vjp(f, gu_NX.float())
+        return vjp(d_h_NF.float())[0].to(gu_NX.dtype)
+    d_gu = torch.empty_like(gu_NX)
+    if gu_NX.shape[0]:
+        _glu_launch(gu_NX, b_EX, e_N, d_h_NF, d_gu, act, form, limit, alpha, gate_cap, up_cap)
+    return d_gu
+
+
+@triton.jit
+def _dot_and_scale_kernel(
+    a_ptr,  # [N, H]
+    ab_ptr,  # [E, H] bias added to a's rows (if A_BIAS)
+    e_ptr,  # [N] local expert of each row (if A_BIAS)
+    b_ptr,  # [*, H] rows gathered by idx
+    idx_ptr,  # [N]
+    rw_ptr,  # [N] float32
+    dot_ptr,  # [N] float32 out
+    out_ptr,  # [N, H] out
+    H: tl.constexpr,
+    A_BIAS: tl.constexpr,
+    SCALE_A: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    row_b = tl.load(idx_ptr + n).to(tl.int64)
+    rw = tl.load(rw_ptr + n)
+    if A_BIAS:
+        ab_ptr += tl.load(e_ptr + n).to(tl.int64) * H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs = h0 + tl.arange(0, BLOCK_H)
+        ok = offs < H
+        a = tl.load(a_ptr + n * H + offs, mask=ok, other=0.0).to(tl.float32)
+        if A_BIAS:
+            a += tl.load(ab_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row_b * H + offs, mask=ok, other=0.0).to(tl.float32)
+        acc += a * b
+        scaled = (a if SCALE_A else b) * rw
+        tl.store(out_ptr + n * H + offs, scaled.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dot_ptr + n, tl.sum(acc, axis=0))
+
+
+def dot_and_scale(a_NH, a_bias_EH, e_N, b_RH, idx_N, rw_N, scale_a: bool):
+    """(Σ_H (a + a_bias[e]) · b[idx] per row (float32 [N]), (a if scale_a else b[idx]) · rw in
+    a's dtype [N, H]); float32 products, a fixed-order sum (deterministic). ``scale_a`` with a
+    bias is not needed (the bias would be scaled too) and not allowed."""
+    assert not (scale_a and a_bias_EH is not None)
+    N, H = a_NH.shape
+    if not use_triton(a_NH):
+        a = a_NH.float() if a_bias_EH is None else a_NH.float() + a_bias_EH[e_N].float()
+        b = b_RH[idx_N].float()
+        return (a * b).sum(-1), ((a if scale_a else b) * rw_N[:, None]).to(a_NH.dtype)
+    dot = torch.empty(N, dtype=torch.float32, device=a_NH.device)
+    out = torch.empty_like(a_NH)
+    if N:
+        _dot_and_scale_kernel[(N,)](
+            a_NH, a_bias_EH if a_bias_EH is not None else a_NH, e_N, b_RH, idx_N,
+            rw_N.float().contiguous(), dot, out, H=H, A_BIAS=a_bias_EH is not None,
+            SCALE_A=scale_a, BLOCK_H=min(1024, next_power_of_2(H)), num_warps=4,
+        )  # fmt: skip
+    return dot, out
+
+
+def sum_slots(d_NH, slot_N, topk_ids_TK, num_experts, first_expert_id) -> Tensor:
+    """dx_TH: row n of d added to token slot_N[n] // K, each token's rows summed in slot order
+    (float32 sum, deterministic; a token with no row here gets zeros)."""
+    T, K = topk_ids_TK.shape
+    d_SH = torch.empty(T * K, d_NH.shape[1], dtype=d_NH.dtype, device=d_NH.device)
+    if use_triton(d_NH):  # combine skips the slots of other groups (never written here)
+        return combine(d_SH.index_copy_(0, slot_N, d_NH), topk_ids_TK, num_experts, first_expert_id)
+    d_SH.zero_().index_copy_(0, slot_N, d_NH)
+    return d_SH.view(T, K, -1).sum(1, dtype=torch.float32).to(d_NH.dtype)
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -132,60 +296,46 @@ def _backward(
     slot_N, e_N, counts_E = reference.sort_slots(topk_ids_TK, E, first)
     tok_N = slot_N // K
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    rw_N1 = topk_weights_TK.reshape(-1)[slot_N].float()[:, None]
+    rw_N = topk_weights_TK.reshape(-1)[slot_N].float()
     if slot_N.numel() == 0:  # no row reaches this group: every gradient is zero
         zeros = [torch.zeros_like(t) for t in (x_TH, topk_weights_TK, w_up_EXH, w_down_EHF)]
         return (*zeros, *(None if b is None else torch.zeros_like(b) for b in (b_up_EX, b_down_EH)))
 
     xs_NH = x_TH[tok_N]
-    xin_NH = (xs_NH.float() * rw_N1).to(dtype) if weight_on_input else xs_NH
-    gu_NX = _gmm(xin_NH, w_up_EXH.transpose(1, 2), offs_E).float()
-    if b_up_EX is not None:
-        gu_NX = gu_NX + b_up_EX[e_N].float()
-
-    def glu(gu):
-        g, u = (gu, None) if form == "none" else gu.chunk(2, dim=-1)
-        return reference.glu(g, u, act, form, limit, alpha, gate_cap, up_cap)
-
-    h_NF, glu_vjp = torch.func.vjp(glu, gu_NX)
-    h_NF = h_NF.to(dtype)
-    gy_NH = grad_y_TH[tok_N].float()
+    xin_NH = (xs_NH.float() * rw_N[:, None]).to(dtype) if weight_on_input else xs_NH
+    gu_NX = _gmm(xin_NH, w_up_EXH.transpose(1, 2), offs_E)  # no bias: glu_rows adds it
+    glu_args = (b_up_EX, e_N, act, form, limit, alpha, gate_cap, up_cap)
+    h_NF = glu_rows(gu_NX, *glu_args)
     if weight_on_input:
-        d_o_NH = gy_NH.to(dtype)
-    else:
-        o_NH = _gmm(h_NF, w_down_EHF.transpose(1, 2), offs_E).float()
-        if b_down_EH is not None:
-            o_NH = o_NH + b_down_EH[e_N].float()
-        d_rw_N = (o_NH * gy_NH).sum(-1)
-        d_o_NH = (gy_NH * rw_N1).to(dtype)
+        d_o_NH = grad_y_TH[tok_N]
+    else:  # d_rw = o · dy[token] (o with its bias), d_o = dy[token] · w
+        o_NH = _gmm(h_NF, w_down_EHF.transpose(1, 2), offs_E)
+        d_rw_N, d_o_NH = dot_and_scale(o_NH, b_down_EH, e_N, grad_y_TH, tok_N, rw_N, False)
 
     d_h_NF = _gmm(d_o_NH, w_down_EHF, offs_E)
     d_w_down = zero_empty_experts(_gmm(d_o_NH.t(), h_NF, offs_E), counts_E)
-    (d_gu32_NX,) = glu_vjp(d_h_NF.float())
-    d_gu_NX = d_gu32_NX.to(dtype)
-    d_xin_NH = _gmm(d_gu_NX, w_up_EXH, offs_E).float()
+    d_gu_NX = glu_rows_vjp(gu_NX, d_h_NF, *glu_args)
+    d_xin_NH = _gmm(d_gu_NX, w_up_EXH, offs_E)
     d_w_up = zero_empty_experts(_gmm(d_gu_NX.t(), xin_NH, offs_E), counts_E)
-    if weight_on_input:
-        d_rw_N = (d_xin_NH * xs_NH.float()).sum(-1)
-        d_xs_NH = d_xin_NH * rw_N1
+    if weight_on_input:  # d_rw = d_xin · x[token], d_xs = d_xin · w
+        d_rw_N, d_xs_NH = dot_and_scale(d_xin_NH, None, e_N, x_TH, tok_N, rw_N, True)
     else:
         d_xs_NH = d_xin_NH
 
     # dx: each row's gradient to its slot, then a fixed-order sum over the K slots of each token
     # (deterministic, unlike an index_add_ of the rows into dx: float atomics on CUDA)
-    d_xs_SH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)
-    dx_TH = d_xs_SH.index_copy_(0, slot_N, d_xs_NH).view(T, K, H).sum(1)
+    dx_TH = sum_slots(d_xs_NH, slot_N, topk_ids_TK, E, first)
     d_rw_S = torch.zeros(T * K, dtype=torch.float32, device=x_TH.device)
     d_rw_S[slot_N] = d_rw_N
     d_b_up = d_b_down = None
     if b_up_EX is not None:
         d_b_up = torch.zeros(E, X, dtype=torch.float32, device=x_TH.device)
-        d_b_up = d_b_up.index_add_(0, e_N, d_gu32_NX).to(b_up_EX.dtype)
+        d_b_up = d_b_up.index_add_(0, e_N, d_gu_NX.float()).to(b_up_EX.dtype)
     if b_down_EH is not None:
         d_b_down = torch.zeros(E, H, dtype=torch.float32, device=x_TH.device)
         d_b_down = d_b_down.index_add_(0, e_N, d_o_NH.float()).to(b_down_EH.dtype)
     return (
-        dx_TH.to(dtype),
+        dx_TH,
         d_rw_S.view(T, K).to(topk_weights_TK.dtype),
         d_w_up.to(w_up_EXH.dtype),
         d_w_down.to(w_down_EHF.dtype),
