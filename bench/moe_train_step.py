@@ -5,7 +5,7 @@
 For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
 bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
 under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients.
-The Triton path's backward is ``kernels/backward.py``: six grouped GEMMs from 16 experts up
+The Triton path's backward is ``kernels/backward.py``: five grouped GEMMs from 16 experts up
 (``MIN_EXPERTS``), the per-expert loop below; ``--grouped-backward`` uses the grouped GEMMs for every
 shape (to compare the two on Mixtral's 8 experts).
 """

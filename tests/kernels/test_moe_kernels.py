@@ -347,7 +347,7 @@ def test_reference_experts_backward_takes_each_weight_once():
 def test_grouped_gemm_backward_matches_the_oracle(
     monkeypatch, glu_form, bias, weight_on_input, first, id_hi, interpreted
 ):
-    """The six-grouped-GEMM backward equals autograd through the oracle (float64 reference), with
+    """The grouped-GEMM backward equals autograd through the oracle (float64 reference), with
     its elementwise pieces as Triton kernels (interpreter) and as their plain-torch twins."""
     if not interpreted:
         monkeypatch.setattr(backward, "use_triton", lambda t: False)
@@ -397,9 +397,11 @@ def test_glu_rows_and_vjp_match_autograd(act, form):
         return reference.glu(g, u, act, form, 1.5, 1.7, 2.0, 3.0)
 
     h_want, vjp = torch.func.vjp(oracle, gu.double())
-    torch.testing.assert_close(
-        backward.glu_rows(gu, *glu_args).double(), h_want, rtol=1e-5, atol=1e-5
-    )
+    rw = torch.rand(N, generator=gen)
+    h, hw = backward.glu_rows(gu, *glu_args, rw_N=rw)
+    torch.testing.assert_close(h.double(), h_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hw, h * rw[:, None])
+    assert backward.glu_rows(gu, *glu_args)[1] is None
     d_gu = backward.glu_rows_vjp(gu, d_h, *glu_args)
     torch.testing.assert_close(d_gu.double(), vjp(d_h.double())[0], rtol=1e-4, atol=1e-5)
 

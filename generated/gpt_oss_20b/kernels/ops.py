@@ -12,7 +12,7 @@ Dispatch: CUDA tensors (or any tensors when this package was imported under ``TR
 run the Triton kernels; other tensors run the plain-torch oracle in ``reference``, so the ops also
 work on a CPU without a GPU.
 
-Backward: the forward is recomputed with the routing held fixed and differentiated with six grouped
+Backward: the up GEMM is recomputed with the routing held fixed and differentiated with five grouped
 GEMMs (``backward``; ``torch._grouped_mm``), or, where that op is missing, by differentiating the
 oracle in plain torch (correct, slow). The experts backward is its own custom op
 so that ``torch.compile`` never traces its data-dependent shapes.

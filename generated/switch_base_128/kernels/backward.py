@@ -4,15 +4,16 @@
 # regenerate: moec build specs/switch_base_128.yaml -o generated/switch_base_128
 """Backward of the expert path with grouped GEMMs: one ``torch._grouped_mm`` per product.
 
-The forward is recomputed (routing held fixed) in expert-sorted row order, then
+The up GEMM is recomputed (routing held fixed) in expert-sorted row order, h = glu(gu), then
+(weight w on the output: y = Σ w · o, o = h @ W_down[e].T + b_down)
 
-    d_o  = dy[token] · w            (weight on output)       d_w  = Σ_H o · dy[token]
-    d_h  = d_o @ W_down[e]          d_W_down[e] = d_o[e rows].T @ h[e rows]
+    d_hu = dy[token] @ W_down[e]     d_W_down[e] = dy[e rows].T @ (w · h)[e rows]
+    d_w  = h · d_hu + b_down · dy    d_h = w · d_hu        (o itself is never recomputed)
     d_gu = vjp of the GLU (elementwise, float32)
-    d_xs = d_gu @ W_up[e]           d_W_up[e]   = d_gu[e rows].T @ xs[e rows]
+    d_xs = d_gu @ W_up[e]            d_W_up[e]   = d_gu[e rows].T @ xs[e rows]
     dx   = Σ over each token's rows of d_xs
 
-six grouped GEMMs in all, against a per-expert loop of small GEMMs and its autograd tape. GEMMs run
+five grouped GEMMs in all, against a per-expert loop of small GEMMs and its autograd tape. GEMMs run
 in the activations' dtype with float32 accumulation, elementwise work in float32, as the forward.
 Tensors stay in the activations' dtype between the GEMMs: the GLU and its vjp, the routing-weight
 products and the sum over each token's rows are Triton kernels that compute in float32 in registers
@@ -20,8 +21,9 @@ products and the sum over each token's rows are Triton kernels that compute in f
 cannot run.
 
 ``torch._grouped_mm`` is a private PyTorch op: ``experts_backward`` returns None when it is missing
-or refuses these tensors, and the caller differentiates the oracle instead (``oracle_vjp``). Shape legend: T tokens,
-H hidden, F expert width, X = 2F (GLU) or F, E experts, K top-k, N rows of this group's slots.
+or refuses these tensors, and the caller differentiates the oracle instead (``oracle_vjp``).
+Shape legend: T tokens, H hidden, F expert width, X = 2F (GLU) or F, E experts, K top-k, N rows of
+this group's slots.
 """
 
 import torch
@@ -84,6 +86,8 @@ def _glu_rows_kernel(
     e_ptr,  # [N] local expert of each row (if HAS_BIAS)
     dh_ptr,  # [N, F] (if VJP)
     out_ptr,  # [N, F] h, or [N, X] d_gu (if VJP)
+    rw_ptr,  # [N] float32 routing weights (if WEIGHTED)
+    hw_ptr,  # [N, F] out: h · rw (if WEIGHTED)
     total,  # N * F
     limit,
     alpha,
@@ -92,6 +96,7 @@ def _glu_rows_kernel(
     F: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     VJP: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     ACT: tl.constexpr,
     FORM: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -116,8 +121,11 @@ def _glu_rows_kernel(
         if GLU:
             tl.store(out_ptr + n * X + F + f, du.to(out_ptr.dtype.element_ty), mask=ok)
     else:
-        h = glu(g, u, limit, alpha, gate_cap, up_cap, ACT, FORM)
-        tl.store(out_ptr + n * F + f, h.to(out_ptr.dtype.element_ty), mask=ok)
+        h = glu(g, u, limit, alpha, gate_cap, up_cap, ACT, FORM).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + n * F + f, h, mask=ok)
+        if WEIGHTED:  # the stored h (rounded) times the weight, as the plain-torch twin
+            hw = h.to(tl.float32) * tl.load(rw_ptr + n, mask=ok, other=0.0)
+            tl.store(hw_ptr + n * F + f, hw.to(hw_ptr.dtype.element_ty), mask=ok)
 
 
 def _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tensor:
@@ -127,28 +135,35 @@ def _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tenso
     return reference.glu(g, u, act, form, limit, alpha, gate_cap, up_cap)
 
 
-def _glu_launch(gu_NX, b_EX, e_N, dh_NF, out, act, form, limit, alpha, gate_cap, up_cap):
+def _glu_launch(gu_NX, b_EX, e_N, dh_NF, out, rw_N, hw_NF, glu_params):
     N, F = gu_NX.shape[0], out.shape[1] if dh_NF is None else dh_NF.shape[1]
+    act, form, limit, alpha, gate_cap, up_cap = glu_params
     BLOCK = 1024
     _glu_rows_kernel[(cdiv(N * F, BLOCK),)](
         gu_NX, b_EX if b_EX is not None else gu_NX, e_N, dh_NF if dh_NF is not None else gu_NX,
-        out, N * F, float(limit), float(alpha), float(gate_cap), float(up_cap), F=F,
-        HAS_BIAS=b_EX is not None, VJP=dh_NF is not None, ACT=act, FORM=form, BLOCK=BLOCK,
-        num_warps=4,
+        out, rw_N if rw_N is not None else gu_NX, hw_NF if hw_NF is not None else out, N * F,
+        float(limit), float(alpha), float(gate_cap), float(up_cap), F=F,
+        HAS_BIAS=b_EX is not None, VJP=dh_NF is not None, WEIGHTED=hw_NF is not None, ACT=act,
+        FORM=form, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return out
 
 
-def glu_rows(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tensor:
-    """h_NF = glu(gu + b[e]) in gu's dtype, computed in float32."""
+def glu_rows(
+    gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap, rw_N=None
+) -> tuple[Tensor, Tensor | None]:
+    """(h_NF = glu(gu + b[e]), h_NF · rw_N when rw_N is given) in gu's dtype, computed in float32."""
     N, X = gu_NX.shape
     F = X if form == "none" else X // 2
     if not use_triton(gu_NX):
-        return _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap).to(gu_NX.dtype)
+        h = _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap).to(gu_NX.dtype)
+        return h, None if rw_N is None else (h.float() * rw_N[:, None]).to(h.dtype)
     h = torch.empty(N, F, dtype=gu_NX.dtype, device=gu_NX.device)
+    hw = None if rw_N is None else torch.empty_like(h)
     if N:
-        _glu_launch(gu_NX, b_EX, e_N, None, h, act, form, limit, alpha, gate_cap, up_cap)
-    return h
+        params = (act, form, limit, alpha, gate_cap, up_cap)
+        _glu_launch(gu_NX, b_EX, e_N, None, h, rw_N, hw, params)
+    return h, hw
 
 
 def glu_rows_vjp(gu_NX, d_h_NF, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tensor:
@@ -162,7 +177,8 @@ def glu_rows_vjp(gu_NX, d_h_NF, b_EX, e_N, act, form, limit, alpha, gate_cap, up
         return vjp(d_h_NF.float())[0].to(gu_NX.dtype)
     d_gu = torch.empty_like(gu_NX)
     if gu_NX.shape[0]:
-        _glu_launch(gu_NX, b_EX, e_N, d_h_NF, d_gu, act, form, limit, alpha, gate_cap, up_cap)
+        params = (act, form, limit, alpha, gate_cap, up_cap)
+        _glu_launch(gu_NX, b_EX, e_N, d_h_NF, d_gu, None, None, params)
     return d_gu
 
 
@@ -305,15 +321,22 @@ def _backward(
     xin_NH = (xs_NH.float() * rw_N[:, None]).to(dtype) if weight_on_input else xs_NH
     gu_NX = _gmm(xin_NH, w_up_EXH.transpose(1, 2), offs_E)  # no bias: glu_rows adds it
     glu_args = (b_up_EX, e_N, act, form, limit, alpha, gate_cap, up_cap)
-    h_NF = glu_rows(gu_NX, *glu_args)
-    if weight_on_input:
-        d_o_NH = grad_y_TH[tok_N]
-    else:  # d_rw = o · dy[token] (o with its bias), d_o = dy[token] · w
-        o_NH = _gmm(h_NF, w_down_EHF.transpose(1, 2), offs_E)
-        d_rw_N, d_o_NH = dot_and_scale(o_NH, b_down_EH, e_N, grad_y_TH, tok_N, rw_N, False)
-
-    d_h_NF = _gmm(d_o_NH, w_down_EHF, offs_E)
-    d_w_down = zero_empty_experts(_gmm(d_o_NH.t(), h_NF, offs_E), counts_E)
+    dy_NH = grad_y_TH[tok_N]
+    if weight_on_input:  # o = h W_down.T sums into y as is
+        h_NF, _ = glu_rows(gu_NX, *glu_args)
+        d_h_NF = _gmm(dy_NH, w_down_EHF, offs_E)
+        d_w_down = _gmm(dy_NH.t(), h_NF, offs_E)
+    else:
+        # y = Σ rw · o with o = h W_down.T + b: d_rw = o · dy = h · (dy W_down) + b · dy, so the
+        # unweighted d_hu = dy W_down gives d_rw and d_h = rw · d_hu without recomputing o.
+        h_NF, hw_NF = glu_rows(gu_NX, *glu_args, rw_N=rw_N)
+        d_hu_NF = _gmm(dy_NH, w_down_EHF, offs_E)
+        d_w_down = _gmm(dy_NH.t(), hw_NF, offs_E)
+        arange_N = torch.arange(len(slot_N), device=x_TH.device)
+        d_rw_N, d_h_NF = dot_and_scale(d_hu_NF, None, e_N, h_NF, arange_N, rw_N, True)
+        if b_down_EH is not None:
+            d_rw_N = d_rw_N + (dy_NH.float() * b_down_EH[e_N].float()).sum(-1)
+    d_w_down = zero_empty_experts(d_w_down, counts_E)
     d_gu_NX = glu_rows_vjp(gu_NX, d_h_NF, *glu_args)
     d_xin_NH = _gmm(d_gu_NX, w_up_EXH, offs_E)
     d_w_up = zero_empty_experts(_gmm(d_gu_NX.t(), xin_NH, offs_E), counts_E)
@@ -333,7 +356,8 @@ def _backward(
         d_b_up = d_b_up.index_add_(0, e_N, d_gu_NX.float()).to(b_up_EX.dtype)
     if b_down_EH is not None:
         d_b_down = torch.zeros(E, H, dtype=torch.float32, device=x_TH.device)
-        d_b_down = d_b_down.index_add_(0, e_N, d_o_NH.float()).to(b_down_EH.dtype)
+        d_o_NH = dy_NH.float() if weight_on_input else dy_NH.float() * rw_N[:, None]
+        d_b_down = d_b_down.index_add_(0, e_N, d_o_NH).to(b_down_EH.dtype)
     return (
         dx_TH,
         d_rw_S.view(T, K).to(topk_weights_TK.dtype),
