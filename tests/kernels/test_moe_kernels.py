@@ -312,9 +312,12 @@ def test_ops_registered_with_fake():
         x = torch.empty(4, 40)
         ids, w = ns.moe_routing(torch.empty(4, 5), 2, None, "softmax", "scores", 1, 1,
                                 "top2_sum", "-inf", False, "none", 0.0, 0.0, 1.0, 1.0)  # fmt: skip
-        y = ns.moe_experts(x, ids, w, torch.empty(5, 48, 40), torch.empty(5, 40, 24), None, None,
-                           0, "silu", "standard", 0.0, 1.702, 1.0, 1.0, False)  # fmt: skip
+        args = (x, ids, w, torch.empty(5, 48, 40), torch.empty(5, 40, 24), None, None, 0, "silu",
+                "standard", 0.0, 1.702, 1.0, 1.0, False)  # fmt: skip
+        y, gu = ns.moe_experts(*args)
+        _, gu_saved = ns.moe_experts(*args, save_gu=True)
     assert ids.shape == (4, 2) and ids.dtype == torch.int32 and y.shape == (4, 40)
+    assert gu.shape == (0, 48) and gu_saved.shape == (8, 48)  # T*K rows of pre-activations
 
 
 def test_reference_experts_backward_takes_each_weight_once():
@@ -343,12 +346,13 @@ def test_reference_experts_backward_takes_each_weight_once():
         ("standard", True, False, 0, 3),  # experts 3 and 4 get no rows
     ],
 )
-@pytest.mark.parametrize("interpreted", [True, False])
+@pytest.mark.parametrize("interpreted, saved_gu", [(True, True), (True, False), (False, False)])
 def test_grouped_gemm_backward_matches_the_oracle(
-    monkeypatch, glu_form, bias, weight_on_input, first, id_hi, interpreted
+    monkeypatch, glu_form, bias, weight_on_input, first, id_hi, interpreted, saved_gu
 ):
     """The grouped-GEMM backward equals autograd through the oracle (float64 reference), with
-    its elementwise pieces as Triton kernels (interpreter) and as their plain-torch twins."""
+    its elementwise pieces as Triton kernels (interpreter) and as their plain-torch twins, from
+    the pre-activations the forward kernel saved (other groups' rows left NaN) or recomputed."""
     if not interpreted:
         monkeypatch.setattr(backward, "use_triton", lambda t: False)
     T, H, F, E, K = 11, 16, 8, 5, 3
@@ -358,8 +362,12 @@ def test_grouped_gemm_backward_matches_the_oracle(
     kw = dict(first_expert_id=first, activation="gelu", glu_form=glu_form, limit=1.5, alpha=1.7,
               gate_softcap=2.0, up_softcap=3.0, weight_on_input=weight_on_input)  # fmt: skip
     gy = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
+    gu = None
+    if saved_gu:
+        gu = torch.full((T * K, w_up.shape[1]), float("nan"))
+        mk.moe_experts_triton(x, ids, w, w_up, w_down, b_up, b_down, **kw, config=CFG, gu_out_NX=gu)
     got = backward.experts_backward(
-        gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), min_experts=1
+        gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), min_experts=1, gu_SX=gu
     )
     assert got is not None, "torch._grouped_mm refused float32 CPU tensors"
     leaves = [t.double().requires_grad_() if t is not None else None

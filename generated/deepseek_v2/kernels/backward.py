@@ -4,7 +4,8 @@
 # regenerate: moec build specs/deepseek_v2.yaml -o generated/deepseek_v2
 """Backward of the expert path with grouped GEMMs: one ``torch._grouped_mm`` per product.
 
-The up GEMM is recomputed (routing held fixed) in expert-sorted row order, h = glu(gu), then
+The up GEMM's pre-activations gu come from the forward (the custom op saves them when autograd
+records the call), else the up GEMM is recomputed; in expert-sorted row order, h = glu(gu), then
 (weight w on the output: y = Σ w · o, o = h @ W_down[e].T + b_down)
 
     d_hu = dy[token] @ W_down[e]     d_W_down[e] = dy[e rows].T @ (w · h)[e rows]
@@ -13,8 +14,9 @@ The up GEMM is recomputed (routing held fixed) in expert-sorted row order, h = g
     d_xs = d_gu @ W_up[e]            d_W_up[e]   = d_gu[e rows].T @ xs[e rows]
     dx   = Σ over each token's rows of d_xs
 
-five grouped GEMMs in all, against a per-expert loop of small GEMMs and its autograd tape. GEMMs run
-in the activations' dtype with float32 accumulation, elementwise work in float32, as the forward.
+four grouped GEMMs (five when gu is recomputed), against a per-expert loop of small GEMMs and its
+autograd tape. GEMMs run in the activations' dtype with float32 accumulation, elementwise work in
+float32, as the forward.
 Tensors stay in the activations' dtype between the GEMMs: the GLU and its vjp, the routing-weight
 products and the sum over each token's rows are Triton kernels that compute in float32 in registers
 (``glu_rows``, ``glu_rows_vjp``, ``dot_and_scale``, ``combine``), with plain-torch twins where Triton
@@ -274,10 +276,12 @@ def experts_backward(
     up_softcap: float,
     weight_on_input: bool,
     min_experts: int | None = None,
+    gu_SX: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None] | None:
     """(dx, d routing weights, d w_up, d w_down, d b_up, d b_down), or None (use the oracle):
     fewer than ``min_experts`` experts (default: ``MIN_EXPERTS``, read at the call), or tensors
-    ``torch._grouped_mm`` does not take."""
+    ``torch._grouped_mm`` does not take. ``gu_SX``: the forward's pre-activations of each slot
+    ([T*K, X], ``grouped_gemm.up_proj``'s ``gu_out_NX``), which spare the up GEMM's recompute."""
     key = (x_TH.device.type, x_TH.dtype)
     E, X, H = w_up_EXH.shape
     if (
@@ -294,7 +298,7 @@ def experts_backward(
         return _backward(
             grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX,
             b_down_EH, first_expert_id, activation, glu_form, limit, alpha, gate_softcap,
-            up_softcap, weight_on_input,
+            up_softcap, weight_on_input, gu_SX,
         )  # fmt: skip
     except (RuntimeError, NotImplementedError):  # dtype / layout / device the op does not take
         _REFUSED.add(key)
@@ -303,7 +307,7 @@ def experts_backward(
 
 def _backward(
     grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
-    first, act, form, limit, alpha, gate_cap, up_cap, weight_on_input,
+    first, act, form, limit, alpha, gate_cap, up_cap, weight_on_input, gu_SX,
 ):  # fmt: skip
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
@@ -319,8 +323,11 @@ def _backward(
 
     xs_NH = x_TH[tok_N]
     xin_NH = (xs_NH.float() * rw_N[:, None]).to(dtype) if weight_on_input else xs_NH
-    gu_NX = _gmm(xin_NH, w_up_EXH.transpose(1, 2), offs_E)  # no bias: glu_rows adds it
-    glu_args = (b_up_EX, e_N, act, form, limit, alpha, gate_cap, up_cap)
+    if gu_SX is None:  # recompute the up GEMM (no bias: glu_rows adds it)
+        gu_NX, b_gu_EX = _gmm(xin_NH, w_up_EXH.transpose(1, 2), offs_E), b_up_EX
+    else:  # the forward's, bias included
+        gu_NX, b_gu_EX = gu_SX.index_select(0, slot_N), None
+    glu_args = (b_gu_EX, e_N, act, form, limit, alpha, gate_cap, up_cap)
     dy_NH = grad_y_TH[tok_N]
     if weight_on_input:  # o = h W_down.T sums into y as is
         h_NF, _ = glu_rows(gu_NX, *glu_args)

@@ -12,9 +12,9 @@ Dispatch: CUDA tensors (or any tensors when this package was imported under ``TR
 run the Triton kernels; other tensors run the plain-torch oracle in ``reference``, so the ops also
 work on a CPU without a GPU.
 
-Backward: the up GEMM is recomputed with the routing held fixed and differentiated with five grouped
-GEMMs (``backward``; ``torch._grouped_mm``), or, where that op is missing, by differentiating the
-oracle in plain torch (correct, slow). The experts backward is its own custom op
+Backward: with the routing held fixed, from the up GEMM's pre-activations the forward saved, with
+four grouped GEMMs (``backward``; ``torch._grouped_mm``), or, where that op is missing, by
+differentiating the oracle in plain torch (correct, slow). The experts backward is its own custom op
 so that ``torch.compile`` never traces its data-dependent shapes.
 
 Ops live in the namespace of the package they are copied into (``pkg.kernels`` → ``pkg_kernels``),
@@ -180,10 +180,12 @@ def moe_experts_triton(
     w_up_scale_EX: Tensor | None = None,
     w_down_scale_EH: Tensor | None = None,
     config: MoeConfig | None = None,
+    gu_out_NX: Tensor | None = None,
 ) -> Tensor:
     """The forward through the kernels (no autograd): align → up GEMM + GLU → down GEMM → combine.
 
     ``config`` overrides the tile choice (else the registered table or ``default_config``).
+    ``gu_out_NX`` ([T*K, X]) receives each slot's pre-activations, for the backward.
     """
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
@@ -202,7 +204,7 @@ def moe_experts_triton(
     h_PF = grouped_gemm.up_proj(
         x_TH, w_up_EXH, b_up_EX, rw_N if weight_on_input else None, al.sorted_slot_ids_P,
         al.expert_of_block_B, K, config.up, activation, glu_form, limit, alpha, gate_softcap,
-        up_softcap, _scale(w_up_scale_EX),
+        up_softcap, _scale(w_up_scale_EX), gu_out_NX,
     )  # fmt: skip
     o_NH = grouped_gemm.down_proj(
         h_PF, w_down_EHF, b_down_EH, None if weight_on_input else rw_N, al.sorted_slot_ids_P,
@@ -239,23 +241,33 @@ def _experts_op(
     weight_on_input: bool,
     w_up_scale_EX: Optional[Tensor] = None,  # noqa: UP045
     w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
-) -> Tensor:
-    fn = moe_experts_triton if use_triton(x_TH) else reference.moe_experts
-    return fn(
+    save_gu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(y, gu): ``save_gu`` (a call autograd records) and the Triton kernels run: gu is each slot's
+    pre-activations [T*K, X], which spare the backward its up GEMM; else gu is empty [0, X]."""
+    args = (
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input, w_up_scale_EX, w_down_scale_EH,
     )  # fmt: skip
+    gu = x_TH.new_empty(x_TH.shape[0] * topk_ids_TK.shape[1] if save_gu else 0, w_up_EXH.shape[1])
+    if not use_triton(x_TH):
+        return reference.moe_experts(*args), x_TH.new_empty(0, w_up_EXH.shape[1])
+    return moe_experts_triton(*args, gu_out_NX=gu if save_gu else None), gu
 
 
 @_experts_op.register_fake
-def _(x_TH, *args):
-    return torch.empty_like(x_TH)
+def _(x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, *rest, **named):
+    # the dispatcher may leave defaulted trailing arguments out: find save_gu by name or place
+    save_gu = named.get("save_gu", rest[13] if len(rest) > 13 else False)
+    rows = x_TH.shape[0] * topk_ids_TK.shape[1] if save_gu else 0
+    return torch.empty_like(x_TH), x_TH.new_empty(rows, w_up_EXH.shape[1])
 
 
 @torch.library.custom_op(f"{NAMESPACE}::moe_experts_backward", mutates_args=())
 def _experts_backward_op(
     grad_y_TH: Tensor,
+    gu_NX: Tensor,
     x_TH: Tensor,
     topk_ids_TK: Tensor,
     topk_weights_TK: Tensor,
@@ -275,6 +287,7 @@ def _experts_backward_op(
     w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, routing weights, w_up, w_down, b_up, b_down); an absent bias gets [0].
+    ``gu_NX``: the forward's saved pre-activations ([T*K, X]), or empty (recompute them).
 
     Grouped GEMMs (``backward.experts_backward``) where ``torch._grouped_mm`` takes the tensors,
     else ``torch.func.vjp`` of the oracle (autograd's own tape is off inside a custom op). int8 /
@@ -286,7 +299,7 @@ def _experts_backward_op(
     grads = backward.experts_backward(
         grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
-        weight_on_input,
+        weight_on_input, gu_SX=gu_NX if gu_NX.numel() else None,
     )  # fmt: skip
     if grads is None:
         grads = backward.oracle_vjp(
@@ -301,7 +314,7 @@ def _experts_backward_op(
 
 
 @_experts_backward_op.register_fake
-def _(grad_y_TH, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *options, **scales):
+def _(grad_y_TH, gu_NX, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *options, **scales):
     # the dispatcher may leave defaulted trailing arguments out: name the scales, do not count
     names = ("w_up_scale_EX", "w_down_scale_EH")
     given = dict(zip(names, options[8:], strict=False)) | scales
@@ -316,21 +329,33 @@ def _(grad_y_TH, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *options, **scales
 
 def _experts_setup(ctx, inputs, output):
     x, ids, w, w_up, w_down, b_up, b_down, *rest = inputs
-    options, (s_up, s_down) = rest[:8], (tuple(rest[8:]) + (None, None))[:2]
+    options, (s_up, s_down) = rest[:8], (tuple(rest[8:10]) + (None, None))[:2]
     ctx.options = options
-    ctx.save_for_backward(x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down, output[1])
 
 
-def _experts_backward(ctx, grad_y_TH):
-    x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down = ctx.saved_tensors
+def _experts_backward(ctx, grad_y_TH, _grad_gu):
+    x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down, gu = ctx.saved_tensors
     dx, dw, dwu, dwd, dbu, dbd = _experts_backward_op(
-        grad_y_TH.contiguous(), x, ids, w, w_up, w_down, b_up, b_down, *ctx.options, s_up, s_down
+        grad_y_TH.contiguous(),
+        gu,
+        x,
+        ids,
+        w,
+        w_up,
+        w_down,
+        b_up,
+        b_down,
+        *ctx.options,
+        s_up,
+        s_down,
     )
     dwu = dwu if s_up is None else None  # int8 weights are frozen
     dwd = dwd if s_down is None else None
     dbu = dbu if b_up is not None else None
     dbd = dbd if b_down is not None else None
-    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 10
+    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 11
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -383,11 +408,14 @@ def moe_experts(
     Returns:
         y_TH [T, H] in x's dtype.
     """
-    op = _experts_op
-    if not _op_needed(x_TH, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH):
-        op = moe_experts_triton if use_triton(x_TH) else reference.moe_experts
-    return op(
+    args = (
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input, w_up_scale_EX, w_down_scale_EH,
     )  # fmt: skip
+    params = (x_TH, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH)
+    if not _op_needed(*params):
+        return (moe_experts_triton if use_triton(x_TH) else reference.moe_experts)(*args)
+    # a call autograd records keeps the pre-activations (T*K x X in x's dtype) for the backward
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    return _experts_op(*args, train)[0]

@@ -75,6 +75,7 @@ def _up_kernel(
     sorted_ptr,  # [P] int32 slot ids, sentinel N on padding
     eob_ptr,  # [B] int32 expert of each row block, -1 = empty
     h_ptr,  # [P, F] out
+    gu_ptr,  # [N, X] out, slot order: the pre-activations, for the backward (if STORE_GU)
     N,
     num_blocks_m,
     limit,
@@ -90,6 +91,7 @@ def _up_kernel(
     W_SCALED: tl.constexpr,
     W_INT4: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
+    STORE_GU: tl.constexpr,
     ALIGN_M: tl.constexpr,
     TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -106,31 +108,31 @@ def _up_kernel(
     if TAIL_M > 0:
         if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= TAIL_M:
             _up_tile(
-                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap,
-                up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED, W_INT4,
-                WEIGHT_ON_INPUT, TAIL_M, BLOCK_N, BLOCK_K,
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+                gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+                W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, TAIL_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         else:
             _up_tile(
-                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap,
-                up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED, W_INT4,
-                WEIGHT_ON_INPUT, BLOCK_M, BLOCK_N, BLOCK_K,
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+                gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+                W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         _up_tile(
-            x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap,
-            up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED, W_INT4,
-            WEIGHT_ON_INPUT, BLOCK_M, BLOCK_N, BLOCK_K,
+            x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+            gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+            W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
 
 @triton.jit
 def _up_tile(
-    x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, N, limit, alpha, gate_cap, up_cap,
-    row0, pid_n, e, H: tl.constexpr, F: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr,
-    FORM: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, W_INT4: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha, gate_cap,
+    up_cap, row0, pid_n, e, H: tl.constexpr, F: tl.constexpr, TOPK: tl.constexpr,
+    ACT: tl.constexpr, FORM: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
+    W_INT4: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, STORE_GU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the up GEMM, all of expert e."""
     GLU: tl.constexpr = FORM != "none"
@@ -182,9 +184,15 @@ def _up_tile(
         acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     else:
         acc_g, acc_u = acc, acc  # glu() ignores u without a GLU
+    store_ok = row_ok[:, None] & (offs_n < F)[None, :]
+    if STORE_GU:  # gate at columns [0, F), up at [F, 2F) of the slot's row
+        gu_ptrs = gu_ptr + slot[:, None].to(tl.int64) * X + offs_n[None, :]
+        tl.store(gu_ptrs, acc_g.to(gu_ptr.dtype.element_ty), mask=store_ok)
+        if GLU:
+            tl.store(gu_ptrs + F, acc_u.to(gu_ptr.dtype.element_ty), mask=store_ok)
     h = glu(acc_g, acc_u, limit, alpha, gate_cap, up_cap, ACT, FORM)
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < F)[None, :])
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
@@ -342,6 +350,7 @@ def up_proj(
     gate_softcap: float = 1.0,
     up_softcap: float = 1.0,
     w_up_scale_EX: torch.Tensor | None = None,
+    gu_out_NX: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h_PF: the expert activations of every padded row (padding rows left unwritten).
 
@@ -349,6 +358,9 @@ def up_proj(
     ``glu_form="none"``; with ``w_up_scale_EX`` (float32, one scale per row) weight-only int8
     (int8), fp8 (float8_e4m3fn) or int4 (uint8 [E, X, H // 2], two values per byte along H, low
     nibble first, value = nibble - 8). ``topk_weights_N`` (float32 [T*K]) given = weight on input.
+    ``gu_out_NX`` ([T*K, X], x's dtype) given: each slot's pre-activations (with bias, before the
+    GLU; gate columns then up) are also written to its row, for the backward; rows of slots not
+    in this group are left unwritten.
     """
     T, H = x_TH.shape
     E, X, _ = w_up_EXH.shape
@@ -362,11 +374,12 @@ def up_proj(
         x_TH, w_up_EXH, b_up_EX if b_up_EX is not None else w_up_EXH,
         w_up_scale_EX if w_up_scale_EX is not None else x_TH,
         topk_weights_N if topk_weights_N is not None else x_TH,
-        sorted_slot_ids_P, expert_of_block_B, h, T * top_k, num_m,
+        sorted_slot_ids_P, expert_of_block_B, h, gu_out_NX if gu_out_NX is not None else h,
+        T * top_k, num_m,
         float(limit), float(alpha), float(gate_softcap), float(up_softcap),
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
         W_SCALED=w_up_scale_EX is not None, W_INT4=int4,
-        WEIGHT_ON_INPUT=topk_weights_N is not None, ALIGN_M=align_m,
+        WEIGHT_ON_INPUT=topk_weights_N is not None, STORE_GU=gu_out_NX is not None, ALIGN_M=align_m,
         TAIL_M=_tail_m(config.block_m),
     )  # fmt: skip
     return h
