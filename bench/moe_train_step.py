@@ -1,16 +1,13 @@
 """Time a training step of the generated layer on one GPU: forward, and forward + backward.
 
-    python bench/moe_train_step.py [--shapes qwen3_30b_a3b,...] [--tokens 4096] [--grouped-backward]
-                                   [--recompute-gu]
+    python bench/moe_train_step.py [--shapes qwen3_30b_a3b,...] [--tokens 4096] [--recompute-gu]
 
 For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
 bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
 under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients.
-The Triton path's backward is ``kernels/backward.py``: five grouped GEMMs from 16 experts up
-(``MIN_EXPERTS``), the per-expert loop below; ``--grouped-backward`` uses the grouped GEMMs for every
-shape (to compare the two on Mixtral's 8 experts). The forward keeps each slot's pre-activations for
-the backward; ``--recompute-gu`` tells the op not to, so the backward recomputes the up GEMM (the
-cost of not keeping them).
+The Triton path's backward is ``kernels/backward.py``: four grouped GEMMs, from the pre-activations
+the forward kept; ``--recompute-gu`` tells the op not to keep them, so the backward recomputes the
+up GEMM (five grouped GEMMs: the cost of not keeping them).
 """
 
 import argparse
@@ -42,7 +39,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="mixtral_8x7b,qwen3_30b_a3b,olmoe_1b_7b")
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--grouped-backward", action="store_true", help="grouped GEMMs at any E")
     ap.add_argument("--recompute-gu", action="store_true", help="do not keep the pre-activations")
     args = ap.parse_args()
     print("| shape | T | backend | forward ms | forward + backward ms |")
@@ -51,8 +47,6 @@ def main():
         pkg = importlib.import_module(name)
         torch.manual_seed(0)
         layer = pkg.MoELayer(torch.bfloat16, device="cuda")
-        if args.grouped_backward:
-            importlib.import_module(f"{name}.kernels.backward").MIN_EXPERTS = 1
         if args.recompute_gu:  # the op's last argument is save_gu
             ops = importlib.import_module(f"{name}.kernels.ops")
             ops._experts_op = (lambda op: lambda *a: op(*a[:-1], False))(ops._experts_op)

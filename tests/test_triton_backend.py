@@ -70,7 +70,7 @@ hidden: 16
 dtype: fp32
 experts: [{count: 16, ffn: 8, bias: true}]
 router: {top_k: 4, normalize: sum}
-""",  # >= 16 experts: the backward runs the grouped GEMMs (kernels/backward.py)
+""",  # 16 experts with biases
     "quantized_mix": """
 name: quantized_mix
 hidden: 32
