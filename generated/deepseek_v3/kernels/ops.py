@@ -250,9 +250,9 @@ def _experts_op(
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input, w_up_scale_EX, w_down_scale_EH,
     )  # fmt: skip
-    gu = x_TH.new_empty(x_TH.shape[0] * topk_ids_TK.shape[1] if save_gu else 0, w_up_EXH.shape[1])
     if not use_triton(x_TH):
         return reference.moe_experts(*args), x_TH.new_empty(0, w_up_EXH.shape[1])
+    gu = x_TH.new_empty(x_TH.shape[0] * topk_ids_TK.shape[1] if save_gu else 0, w_up_EXH.shape[1])
     return moe_experts_triton(*args, gu_out_NX=gu if save_gu else None), gu
 
 
@@ -267,7 +267,7 @@ def _(x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, *rest, **named):
 @torch.library.custom_op(f"{NAMESPACE}::moe_experts_backward", mutates_args=())
 def _experts_backward_op(
     grad_y_TH: Tensor,
-    gu_NX: Tensor,
+    gu_SX: Tensor,
     x_TH: Tensor,
     topk_ids_TK: Tensor,
     topk_weights_TK: Tensor,
@@ -287,7 +287,7 @@ def _experts_backward_op(
     w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, routing weights, w_up, w_down, b_up, b_down); an absent bias gets [0].
-    ``gu_NX``: the forward's saved pre-activations ([T*K, X]), or empty (recompute them).
+    ``gu_SX``: the forward's saved pre-activations ([T*K, X]), or empty (recompute them).
 
     Grouped GEMMs (``backward.experts_backward``) where ``torch._grouped_mm`` takes the tensors,
     else ``torch.func.vjp`` of the oracle (autograd's own tape is off inside a custom op). int8 /
@@ -299,7 +299,7 @@ def _experts_backward_op(
     grads = backward.experts_backward(
         grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
-        weight_on_input, gu_SX=gu_NX if gu_NX.numel() else None,
+        weight_on_input, gu_SX=gu_SX if gu_SX.numel() else None,
     )  # fmt: skip
     if grads is None:
         grads = backward.oracle_vjp(
@@ -314,7 +314,7 @@ def _experts_backward_op(
 
 
 @_experts_backward_op.register_fake
-def _(grad_y_TH, gu_NX, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *options, **scales):
+def _(grad_y_TH, gu_SX, x_TH, ids, w_TK, w_up, w_down, b_up, b_down, *options, **scales):
     # the dispatcher may leave defaulted trailing arguments out: name the scales, do not count
     names = ("w_up_scale_EX", "w_down_scale_EH")
     given = dict(zip(names, options[8:], strict=False)) | scales
@@ -338,19 +338,9 @@ def _experts_setup(ctx, inputs, output):
 def _experts_backward(ctx, grad_y_TH, _grad_gu):
     x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down, gu = ctx.saved_tensors
     dx, dw, dwu, dwd, dbu, dbd = _experts_backward_op(
-        grad_y_TH.contiguous(),
-        gu,
-        x,
-        ids,
-        w,
-        w_up,
-        w_down,
-        b_up,
-        b_down,
-        *ctx.options,
-        s_up,
+        grad_y_TH.contiguous(), gu, x, ids, w, w_up, w_down, b_up, b_down, *ctx.options, s_up,
         s_down,
-    )
+    )  # fmt: skip
     dwu = dwu if s_up is None else None  # int8 weights are frozen
     dwd = dwd if s_down is None else None
     dbu = dbu if b_up is not None else None

@@ -79,7 +79,7 @@ def zero_empty_experts(d_w_E: Tensor, counts_E: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _glu_rows_kernel(
-    gu_ptr,  # [N, X] gate and up pre-activations (no bias)
+    gu_ptr,  # [N, X] gate and up pre-activations (without the bias, if HAS_BIAS)
     b_ptr,  # [E, X] (if HAS_BIAS)
     e_ptr,  # [N] local expert of each row (if HAS_BIAS)
     dh_ptr,  # [N, F] (if VJP)
@@ -274,10 +274,12 @@ def experts_backward(
     gu_SX: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None] | None:
     """(dx, d routing weights, d w_up, d w_down, d b_up, d b_down), or None (use the oracle) for
-    tensors ``torch._grouped_mm`` does not take. At any number of experts: with the forward's
+    tensors ``torch._grouped_mm`` does not take.
+
+    ``gu_SX``: the forward's pre-activations of each slot ([T*K, X], ``grouped_gemm.up_proj``'s
+    ``gu_out_NX``), which spare the up GEMM's recompute. Used at any number of experts: with the
     pre-activations kept, even Mixtral-8x7B's 8 experts train faster this way than through the
-    per-expert loop (H200, T=4096: 16.7 ms a step against 22.8 ms; bench/RESULTS.md). ``gu_SX``: the forward's pre-activations of each slot
-    ([T*K, X], ``grouped_gemm.up_proj``'s ``gu_out_NX``), which spare the up GEMM's recompute."""
+    per-expert loop (H200, T=4096: 16.7 ms a step against 22.8 ms; bench/RESULTS.md)."""
     key = (x_TH.device.type, x_TH.dtype)
     E, X, H = w_up_EXH.shape
     if not hasattr(torch, "_grouped_mm") or key in _REFUSED:
