@@ -175,6 +175,29 @@ def test_torch_compile_fullgraph(name):
             torch.testing.assert_close(grads_c[n], p.grad, msg=n)
 
 
+def test_activation_checkpointing_matches_plain_backward(layer):
+    """Under ``torch.utils.checkpoint`` (the memory knob for training: the experts op keeps its
+    pre-activations only while the layer's forward is re-run for the backward) the Triton layer's
+    gradients equal those of a plain backward."""
+    layer.backend = "triton"
+    x = torch.randn(7, layer.router.weight.shape[1])
+    grads = []
+    for checkpointed in (False, True):
+        layer.zero_grad()
+        xb = x.clone().requires_grad_()
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(layer, xb, use_reentrant=False)
+        else:
+            y = layer(xb)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([xb.grad] + [p.grad for _, p in layer.named_parameters()])
+    for plain, ckpt in zip(*grads, strict=True):
+        if plain is None or ckpt is None:
+            assert plain is None and ckpt is None
+        else:
+            torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_no_grad_calls_skip_the_custom_ops(layer, monkeypatch):
     """Without autograd or tracing, the public functions call the kernels directly (the custom
     op's dispatch is host overhead at small T); with autograd they go through the op."""
