@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The single-GPU checks and measurements of a session, in one call (device time is scarce): the GPU
+# tests, the layer grid, the training step and the kernel-switch A/B. Each part is timed out on its
+# own and logs to $OUT (or ./out); a part that fails does not stop the others.
+#
+#   here:   moec build bench/specs/*.yaml --out-dir bench/generated
+#   there:  bash bench/run_all.sh [tests] [layer] [train] [switches]   (carry bench/generated;
+#           no arguments = all four, ~9 minutes on an H200: one call's limit is 10)
+set -uo pipefail
+
+out="${OUT:-out}"
+mkdir -p "$out"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests layer train switches)
+
+run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, one status line to run_all.log
+  local name="$1" seconds="$2"
+  shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" > "$out/$name.log" 2>&1
+  echo "$name rc=$? $((SECONDS - start)) s" | tee -a "$out/run_all.log"
+}
+
+for part in "${parts[@]}"; do
+  case "$part" in
+    tests) run gpu_tests 240 python3 -m pytest -m gpu tests/gpu --noconftest -q -p no:cacheprovider ;;
+    layer) run moe_layer 170 python3 bench/moe_layer.py ;;
+    train) run train_step 90 python3 bench/moe_train_step.py ;;
+    switches) run kernel_switches 120 python3 bench/kernel_switches.py --switch tail_tiles --rounds 3 ;;
+    *) echo "unknown part $part (tests, layer, train, switches)" | tee -a "$out/run_all.log" ;;
+  esac
+done
+tail -n 4 "$out"/*.log
