@@ -261,17 +261,22 @@ def test_two_groups_different_widths(dtype):
         dict(bias=True, glu_form="gpt_oss", limit=1.5),
         dict(weight_on_input=True, first_expert_id=1),
         dict(H=10),  # rows of 40 bytes: torch._grouped_mm declines, the oracle's vjp runs
+        dict(weight_on_input=True, strided=True),  # x and ids strided views
     ],
-    ids=["swiglu", "gpt_oss_bias", "weight_on_input_group", "unaligned_oracle"],
+    ids=["swiglu", "gpt_oss_bias", "weight_on_input_group", "unaligned_oracle", "strided_x"],
 )
 def test_experts_op_backward(kw):
     """Through the custom op (which keeps the pre-activations for the grouped-GEMM backward)
     against autograd through the float64 oracle."""
     kw = dict(kw)
-    H, bias = kw.pop("H", 40), kw.pop("bias", False)
+    H, bias, strided = kw.pop("H", 40), kw.pop("bias", False), kw.pop("strided", False)
     args = make_experts(7, H, 24, 5, 3, torch.float32, bias=bias, seed=11)
     x, ids, w, w_up, w_down, b_up, b_down = args
     leaves = [t.clone().requires_grad_() for t in (x, w, w_up, w_down)]
+    if strided:  # the same values: x every other column of a wider tensor, ids column-major
+        wide = torch.zeros(x.shape[0], 2 * H).index_copy_(1, torch.arange(0, 2 * H, 2), x)
+        leaves[0] = wide.requires_grad_()[:, ::2]
+        ids = ids.t().contiguous().t()
     biases = [None if t is None else t.clone().requires_grad_() for t in (b_up, b_down)]
     y = mk.moe_experts(leaves[0], ids, *leaves[1:], *biases, **kw)
     gy = torch.randn_like(y)

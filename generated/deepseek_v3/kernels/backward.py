@@ -134,6 +134,8 @@ def _glu32(gu_NX, b_EX, e_N, act, form, limit, alpha, gate_cap, up_cap) -> Tenso
 
 
 def _glu_launch(gu_NX, b_EX, e_N, dh_NF, out, rw_N, hw_NF, glu_params):
+    gu_NX = gu_NX.contiguous()  # the kernel walks rows of X elements (dh_NF: of F)
+    dh_NF = None if dh_NF is None else dh_NF.contiguous()
     N, F = gu_NX.shape[0], out.shape[1] if dh_NF is None else dh_NF.shape[1]
     act, form, limit, alpha, gate_cap, up_cap = glu_params
     BLOCK = 1024
@@ -224,6 +226,7 @@ def dot_and_scale(a_NH, a_bias_EH, e_N, b_RH, idx_N, rw_N, scale_a: bool):
         a = a_NH.float() if a_bias_EH is None else a_NH.float() + a_bias_EH[e_N].float()
         b = b_RH[idx_N].float()
         return (a * b).sum(-1), ((a if scale_a else b) * rw_N[:, None]).to(a_NH.dtype)
+    a_NH, b_RH = a_NH.contiguous(), b_RH.contiguous()  # the kernel walks rows of H elements
     dot = torch.empty(N, dtype=torch.float32, device=a_NH.device)
     out = torch.empty_like(a_NH)
     if N:
@@ -241,7 +244,8 @@ def sum_slots(d_NH, slot_N, topk_ids_TK, num_experts, first_expert_id) -> Tensor
     T, K = topk_ids_TK.shape
     d_SH = torch.empty(T * K, d_NH.shape[1], dtype=d_NH.dtype, device=d_NH.device)
     if use_triton(d_NH):  # combine skips the slots of other groups (never written here)
-        return combine(d_SH.index_copy_(0, slot_N, d_NH), topk_ids_TK, num_experts, first_expert_id)
+        ids_TK = topk_ids_TK.contiguous()  # combine reads the ids as a [T, K] row-major table
+        return combine(d_SH.index_copy_(0, slot_N, d_NH), ids_TK, num_experts, first_expert_id)
     d_SH.zero_().index_copy_(0, slot_N, d_NH)
     return d_SH.view(T, K, -1).sum(1, dtype=torch.float32).to(d_NH.dtype)
 
