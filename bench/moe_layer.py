@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -179,13 +180,29 @@ def breakdown(rows):
     return "\n".join(lines)
 
 
-def table(rows, peak, bw, device):
+def gpu_state() -> str:
+    """The GPU's SM and memory clocks, temperature and power now (nvidia-smi), to tell a slower
+    run from a slower GPU: the same cell has moved by up to 10% between two leases."""
+    query = "clocks.sm,clocks.mem,temperature.gpu,power.draw"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", "-i", "0"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "nvidia-smi unavailable"
+    sm, mem, temp, power = (v.strip() for v in out.stdout.strip().split(","))
+    return f"SM {sm}, memory {mem}, {temp} C, {power}"
+
+
+def table(rows, peak, bw, device, states=()):
     """Markdown: % of floor (higher is better, 100% = the floor) and the other timings."""
     pct = kb.pct
     lines = [
         f"device: {device}; torch {torch.__version__}, triton {triton.__version__}; ceilings "
         f"measured in this run: bf16 GEMM 8192³ {peak:.0f} TFLOP/s, device copy {bw:.2f} TB/s; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *(f"GPU {when}: {state}" for when, state in states),
         "",
         "| shape (H, F, E, K) | T | floor ms | layer.experts ms | layer.experts % | tuned table % | "
         "torch._grouped_mm % | per-expert loop % | best public % (BENCH.md) | route µs | "
@@ -216,8 +233,9 @@ def main():
     out = os.environ.get("OUT")
     tables = [t for f in args.tuning for t in json.loads(Path(f).read_text())["tables"]]
     device = torch.cuda.get_device_name()
+    states = [("at the start", gpu_state())]
     peak, bw = kb.ceilings()
-    print(f"{device}: bf16 GEMM {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s", flush=True)
+    print(f"{device}: bf16 GEMM {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s; {states[0][1]}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
@@ -226,12 +244,19 @@ def main():
         torch.cuda.empty_cache()
         if out:  # keep what is done if a later shape runs out of time
             Path(out, "moe_layer.json").write_text(json.dumps(dict(rows=rows)))
-    md = table(rows, peak, bw, device) + "\n\n" + breakdown(rows)
+    end_peak, end_bw = kb.ceilings()  # the same GPU at the end: drift shows here
+    states.append(
+        ("at the end", f"{gpu_state()}; ceilings {end_peak:.0f} TFLOP/s, {end_bw:.2f} TB/s")
+    )
+    md = table(rows, peak, bw, device, states) + "\n\n" + breakdown(rows)
     print(md)
     if out:
         Path(out, "moe_layer.md").write_text(md + "\n")
         Path(out, "moe_layer.json").write_text(
-            json.dumps(dict(device=device, peak_tflops=peak, copy_tbps=bw, rows=rows), indent=1)
+            json.dumps(
+                dict(device=device, peak_tflops=peak, copy_tbps=bw, gpu_states=states, rows=rows),
+                indent=1,
+            )
         )
 
 
