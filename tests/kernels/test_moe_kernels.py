@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moec/templates/kernels_src"))
 
 import moe_kernels as mk  # noqa: E402
-from moe_kernels import backward, permute, reference, routing  # noqa: E402
+from moe_kernels import backward, backward_rows, permute, reference, routing  # noqa: E402
 from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
 
 # numpy warns about log(0) on masked lanes and NaN in never-stored padding rows.
@@ -363,7 +363,7 @@ def test_grouped_gemm_backward_matches_the_oracle(
     its elementwise pieces as Triton kernels (interpreter) and as their plain-torch twins, from
     the pre-activations the forward kernel saved (other groups' rows left NaN) or recomputed."""
     if not interpreted:
-        monkeypatch.setattr(backward, "use_triton", lambda t: False)
+        monkeypatch.setattr(backward_rows, "use_triton", lambda t: False)
     T, H, F, E, K = 11, 16, 8, 5, 3
     x, ids, w, w_up, w_down, b_up, b_down = make_experts(
         T, H, F, E, K, torch.float32, glu_form, bias, seed=3, id_hi=id_hi
@@ -415,11 +415,11 @@ def test_glu_rows_and_vjp_match_autograd(act, form):
 
     h_want, vjp = torch.func.vjp(oracle, gu.double())
     rw = torch.rand(N, generator=gen)
-    h, hw = backward.glu_rows(gu, *glu_args, rw_N=rw)
+    h, hw = backward_rows.glu_rows(gu, *glu_args, rw_N=rw)
     torch.testing.assert_close(h.double(), h_want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hw, h * rw[:, None])
-    assert backward.glu_rows(gu, *glu_args)[1] is None
-    d_gu = backward.glu_rows_vjp(gu, d_h, *glu_args)
+    assert backward_rows.glu_rows(gu, *glu_args)[1] is None
+    d_gu = backward_rows.glu_rows_vjp(gu, d_h, *glu_args)
     torch.testing.assert_close(d_gu.double(), vjp(d_h.double())[0], rtol=1e-4, atol=1e-5)
 
 
@@ -427,16 +427,16 @@ def test_glu_rows_and_vjp_match_autograd(act, form):
 def test_dot_and_scale(monkeypatch, interpreted):
     """Row dots (with an expert bias on a) and the scaled rows, kernel and plain-torch twin."""
     if not interpreted:
-        monkeypatch.setattr(backward, "use_triton", lambda t: False)
+        monkeypatch.setattr(backward_rows, "use_triton", lambda t: False)
     gen = torch.Generator().manual_seed(3)
     N, H, E, R = 9, 1100, 4, 5  # H over one kernel block
     a, b_R = torch.randn(N, H, generator=gen), torch.randn(R, H, generator=gen)
     bias, e = torch.randn(E, H, generator=gen), torch.randint(0, E, (N,), generator=gen)
     idx, rw = torch.randint(0, R, (N,), generator=gen), torch.rand(N, generator=gen)
-    dot, scaled = backward.dot_and_scale(a, bias, e, b_R, idx, rw, scale_a=False)
+    dot, scaled = backward_rows.dot_and_scale(a, bias, e, b_R, idx, rw, scale_a=False)
     torch.testing.assert_close(dot, ((a + bias[e]) * b_R[idx]).sum(-1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(scaled, b_R[idx] * rw[:, None])
-    dot, scaled = backward.dot_and_scale(a, None, e, b_R, idx, rw, scale_a=True)
+    dot, scaled = backward_rows.dot_and_scale(a, None, e, b_R, idx, rw, scale_a=True)
     torch.testing.assert_close(dot, (a * b_R[idx]).sum(-1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(scaled, a * rw[:, None])
 
@@ -446,13 +446,13 @@ def test_zero_empty_experts_writes_only_the_empty_ones(monkeypatch, interpreted)
     """Experts with no rows get zero gradients even where the grouped GEMM left garbage (NaN
     here); the others are untouched. Kernel (interpreter) and plain-torch fallback alike."""
     if not interpreted:  # a CPU tensor without the interpreter
-        monkeypatch.setattr(backward, "use_triton", lambda t: False)
+        monkeypatch.setattr(backward_rows, "use_triton", lambda t: False)
     d_w = torch.randn(5, 3, 4100)  # one expert's slice is longer than the kernel's block
     d_w[1] = float("nan")
     d_w[4] = float("nan")
     before = d_w.clone()
     counts = torch.tensor([3, 0, 1, 7, 0])
-    assert backward.zero_empty_experts(d_w, counts) is d_w
+    assert backward_rows.zero_empty_experts(d_w, counts) is d_w
     assert torch.equal(d_w[[1, 4]], torch.zeros(2, 3, 4100))
     assert torch.equal(d_w[[0, 2, 3]], before[[0, 2, 3]])
 
