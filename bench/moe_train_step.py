@@ -4,7 +4,8 @@
 
 For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
 bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
-under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients.
+under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients; and the
+memory the forward leaves for the backward.
 The Triton path's backward is ``kernels/backward.py``: four grouped GEMMs, from the pre-activations
 the forward kept; ``--recompute-gu`` tells the op not to keep them, so the backward recomputes the
 up GEMM (five grouped GEMMs: the cost of not keeping them).
@@ -35,14 +36,28 @@ def step_ms(layer, x, g):
     return do_bench(step, warmup=5, rep=200, return_mode="median")
 
 
+def saved_mb(layer, x):
+    """MB the forward leaves allocated for the backward (activations autograd keeps): memory after
+    ``layer(x)`` with autograd recording, less memory before it."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = layer(x)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+    del y
+    return kept / 2**20
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="mixtral_8x7b,qwen3_30b_a3b,olmoe_1b_7b")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--recompute-gu", action="store_true", help="do not keep the pre-activations")
     args = ap.parse_args()
-    print("| shape | T | backend | forward ms | forward + backward ms |")
-    print("|---|---|---|---|---|")
+    print("| shape | T | backend | forward ms | forward + backward ms | kept for the backward MB |")
+    print("|---|---|---|---|---|---|")
     for name in args.shapes.split(","):
         pkg = importlib.import_module(name)
         torch.manual_seed(0)
@@ -57,7 +72,11 @@ def main():
             layer.backend = backend
             fwd = forward_ms(layer, x)
             both = step_ms(layer, x, g)
-            print(f"| {name} | {args.tokens} | {backend} | {fwd:.3f} | {both:.3f} |", flush=True)
+            kept = saved_mb(layer, x)
+            print(
+                f"| {name} | {args.tokens} | {backend} | {fwd:.3f} | {both:.3f} | {kept:.0f} |",
+                flush=True,
+            )
         del layer, x, g
         torch.cuda.empty_cache()
 
