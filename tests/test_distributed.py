@@ -2,7 +2,8 @@
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
 expert tensor parallelism, skewed routing with experts that receive no tokens, the flat all-to-all
 pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch (all
-three kinds).
+three kinds); flat and hierarchical dispatch also through the Triton kernels (interpreted), where a
+rank may hold none of a group's experts.
 The flat all-to-all sends one row per (token, destination rank) pair; hierarchical dispatch (2 nodes
 x 2 ranks) sends one row across nodes per (token, node) pair."""
 
@@ -90,6 +91,13 @@ CONFIGS = {
         "comm: {dispatch: all_to_all, chunks: 2}\n"
     ),
 }
+# the Triton kernels (under TRITON_INTERPRET=1, as the whole CPU test run) in both layers: the
+# experts custom op, its kept pre-activations and grouped-GEMM backward on every rank's shard
+TRITON = {
+    "ep4_flat_triton": CONFIGS["ep4_flat"],
+    "two_nodes_hierarchical_triton": CONFIGS["two_nodes_hierarchical"],
+}
+CONFIGS |= TRITON
 TOP_K = {"top3_replicas_hierarchical": 3, "top3_ep2_chunks2_weight_on_input": 3}
 CHUNKS = {
     "chunks2_replicas": 2,
@@ -116,6 +124,9 @@ def _check(pkg, rank: int, name: str) -> None:
     sharded = pkg.MoELayer()
     assert sharded.dispatcher is not None
     sharded.load_unsharded_state_dict(full.state_dict())
+    if name in TRITON:
+        assert os.environ.get("TRITON_INTERPRET") == "1", "the CPU run interprets the kernels"
+        full.backend = sharded.backend = "triton"
     assert pkg.comm.CHUNKS == CHUNKS.get(name, 1), name
     torch.manual_seed(100 + rank)
     tokens = TOKENS.get(name, (5, 8, 11, 14))[rank]  # uneven tokens per rank

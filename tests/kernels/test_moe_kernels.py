@@ -293,6 +293,19 @@ def test_experts_op_backward(kw):
         assert rel_err(a, b) < 1e-5
 
 
+def test_experts_with_no_local_experts():
+    """A shard that holds none of a group's experts (expert parallelism with more ranks than the
+    group has experts) gets zeros, and zero gradients, through the kernels and the op."""
+    x, ids, w, w_up, w_down, _, _ = make_experts(6, 16, 8, 3, 2, torch.float32, seed=2)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    none_up, none_down = w_up[:0].requires_grad_(), w_down[:0].requires_grad_()
+    assert torch.equal(mk.moe_experts_triton(x, ids, w, none_up, none_down), torch.zeros(6, 16))
+    y = mk.moe_experts(x, ids, w, none_up, none_down)
+    assert torch.equal(y, torch.zeros(6, 16))
+    dx, dw = torch.autograd.grad(y.sum(), [x, w])
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dw, torch.zeros_like(w))
+
+
 def test_layer_trains_end_to_end():
     """Router logits → routing op → experts op: gradients reach the router through the weights."""
     T, H, F, E, K = 8, 40, 24, 5, 2

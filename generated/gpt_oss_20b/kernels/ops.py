@@ -190,6 +190,8 @@ def moe_experts_triton(
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E, _, F = w_down_EHF.shape
+    if E == 0:  # a shard holding none of this group's experts (expert parallelism): no slot here
+        return x_TH.new_zeros(T, H)
     F *= 2 if w_down_EHF.dtype == torch.uint8 else 1  # int4: two values per byte
     if config is None:
         weights = weight_format(w_down_EHF)
