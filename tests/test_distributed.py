@@ -91,12 +91,16 @@ CONFIGS = {
         "comm: {dispatch: all_to_all, chunks: 2}\n"
     ),
 }
-# the Triton kernels (under TRITON_INTERPRET=1, as the whole CPU test run) in both layers: the
-# experts custom op, its kept pre-activations and grouped-GEMM backward on every rank's shard
+# the sharded layer through the Triton kernels (under TRITON_INTERPRET=1, as the whole CPU test
+# run) against the single-process layer in plain torch: the experts custom op, its kept
+# pre-activations and grouped-GEMM backward on every rank's shard
 TRITON = {
-    "ep4_flat_triton": CONFIGS["ep4_flat"],
-    "two_nodes_hierarchical_triton": CONFIGS["two_nodes_hierarchical"],
-}
+    f"{name}_triton": CONFIGS[name]
+    for name in (
+        "ep4_flat", "two_nodes_hierarchical", "replicas", "expert_tp2", "chunks3_weight_on_input",
+        "top3_replicas_hierarchical",
+    )
+}  # fmt: skip
 CONFIGS |= TRITON
 TOP_K = {"top3_replicas_hierarchical": 3, "top3_ep2_chunks2_weight_on_input": 3}
 CHUNKS = {
@@ -108,6 +112,10 @@ CHUNKS = {
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
 TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2)}
+for _name in TRITON:  # the Triton runs of a config keep its top-k, chunks and tokens
+    for _table in (TOP_K, CHUNKS, TOKENS):
+        if _name.removesuffix("_triton") in _table:
+            _table[_name] = _table[_name.removesuffix("_triton")]
 
 
 def _free_port() -> int:
@@ -124,9 +132,9 @@ def _check(pkg, rank: int, name: str) -> None:
     sharded = pkg.MoELayer()
     assert sharded.dispatcher is not None
     sharded.load_unsharded_state_dict(full.state_dict())
-    if name in TRITON:
+    if name in TRITON:  # the shards run the kernels, the single-process layer plain torch
         assert os.environ.get("TRITON_INTERPRET") == "1", "the CPU run interprets the kernels"
-        full.backend = sharded.backend = "triton"
+        full.backend, sharded.backend = "torch", "triton"
     assert pkg.comm.CHUNKS == CHUNKS.get(name, 1), name
     torch.manual_seed(100 + rank)
     tokens = TOKENS.get(name, (5, 8, 11, 14))[rank]  # uneven tokens per rank
