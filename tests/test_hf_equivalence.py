@@ -85,6 +85,42 @@ def test_forward_matches_hf(case_id):
 
 
 @pytest.mark.parametrize("case_id", IDS)
+def test_triton_backend_trains_like_hf(case_id):
+    """Through the Triton kernels (interpreted on CPU): the output equals the transformers block's,
+    and the input's gradient equals autograd through that block. The gradient passes the routing
+    weights, the custom ops' kept pre-activations and the grouped-GEMM backward.
+
+    Tokens are independent, so a token the kernels route differently is left out: that happens
+    only where group-masked experts get the key 0.0 (``masked: "0"``) and outrank kept ones, and
+    top-k must choose among tied masked experts (the kernel takes the lowest id; ``torch.topk``
+    leaves the order of ties unspecified)."""
+    p = prepared(case_id)
+    layer = fresh_layer(p)
+    layer.load_hf_state_dict(p.block.state_dict())
+    gy = torch.randn(p.x.shape, generator=torch.Generator().manual_seed(2))
+    x_T = p.x.reshape(-1, p.x.shape[-1])
+    with torch.no_grad():
+        ids_torch = layer.route(x_T)[0]
+        layer.backend = "triton"
+        ids_triton = layer.route(x_T)[0]
+    same_T = (ids_torch.sort(-1).values == ids_triton.sort(-1).values).all(-1)
+    if (p.data["router"].get("groups") or {}).get("masked") != "0":
+        assert same_T.all(), f"{case_id}: the kernels route {int((~same_T).sum())} tokens apart"
+    assert same_T.float().mean() >= 0.5, f"{case_id}: routing agrees on too few tokens"
+    x = p.x.clone().requires_grad_()
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y, x, gy)
+    x_hf = p.x.clone().requires_grad_()
+    out = p.block(x_hf)
+    y_hf = (out if p.case.out_at is None else out[p.case.out_at]).reshape(p.x.shape)
+    (dx_hf,) = torch.autograd.grad(y_hf, x_hf, gy)
+    H = p.x.shape[-1]
+    rows = lambda t: t.reshape(-1, H)[same_T]  # noqa: E731
+    assert_close(rows(y.detach()), rows(p.y_hf), f"{case_id} (triton)")
+    assert_close(rows(dx), rows(dx_hf), f"{case_id} dx (triton)")
+
+
+@pytest.mark.parametrize("case_id", IDS)
 def test_model_level_prefix(case_id):
     """Keys of a whole model (``model.layers.3.mlp.`` + block key) load with ``prefix=``."""
     p = prepared(case_id)
