@@ -38,6 +38,13 @@ router: {top_k: 2, normalize: sum}
 balance: {aux_loss: 0.01}
 """
 
+# int8, int4 and fp8 groups: the shards of an expert-tp group keep the unsharded layer's scales
+QUANTIZED = BASE.replace(
+    "activation: gelu}",
+    "activation: gelu, dtype: int8}\n  - {name: c, count: 2, ffn: 8, dtype: int4}",
+).replace("{name: a, count: 4, ffn: 8}", "{name: a, count: 4, ffn: 8, dtype: fp8}")
+BASES = {"quantized_expert_tp2": QUANTIZED, "quantized_hierarchical": QUANTIZED}
+
 CONFIGS = {
     "ep4_flat": "parallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\ncomm: {dispatch: all_to_all}\n",
     "dp2_ep2": "parallel: {dp: 4, ep: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n",
@@ -90,6 +97,13 @@ CONFIGS = {
         "weight_on: input\nparallel: {dp: 4, ep: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
         "comm: {dispatch: all_to_all, chunks: 2}\n"
     ),
+    "quantized_expert_tp2": (
+        "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+    ),
+    "quantized_hierarchical": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "comm: {dispatch: hierarchical}\n"
+    ),
 }
 # the sharded layer through the Triton kernels (under TRITON_INTERPRET=1, as the whole CPU test
 # run) against the single-process layer in plain torch: the experts custom op, its kept
@@ -98,7 +112,7 @@ TRITON = {
     f"{name}_triton": CONFIGS[name]
     for name in (
         "ep4_flat", "two_nodes_hierarchical", "replicas", "expert_tp2", "chunks3_weight_on_input",
-        "top3_replicas_hierarchical",
+        "top3_replicas_hierarchical", "quantized_expert_tp2",
     )
 }  # fmt: skip
 CONFIGS |= TRITON
@@ -112,8 +126,8 @@ CHUNKS = {
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
 TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2)}
-for _name in TRITON:  # the Triton runs of a config keep its top-k, chunks and tokens
-    for _table in (TOP_K, CHUNKS, TOKENS):
+for _name in TRITON:  # the Triton runs of a config keep its experts, top-k, chunks and tokens
+    for _table in (BASES, TOP_K, CHUNKS, TOKENS):
         if _name.removesuffix("_triton") in _table:
             _table[_name] = _table[_name.removesuffix("_triton")]
 
@@ -169,6 +183,8 @@ def _check(pkg, rank: int, name: str) -> None:
     )
     # expert weights: the sharded copy sees the tokens of its whole ep group, the full layer only ours
     for group_name, group in sharded.groups.items():
+        if getattr(group, "QUANT", None) is not None:  # frozen weights: no gradient
+            continue
         full_group = full.groups[group_name]
         grad = full_group.w_down_EHF.grad
         grad = torch.zeros_like(full_group.w_down_EHF) if grad is None else grad.clone()
@@ -306,7 +322,7 @@ def _worker(rank: int, world: int, port: int, packages: dict, errors) -> None:
 def test_sharded_layer_matches_single_process(tmp_path):
     packages = {}
     for name, extra in CONFIGS.items():
-        base = BASE.replace("top_k: 2", f"top_k: {TOP_K.get(name, 2)}")
+        base = BASES.get(name, BASE).replace("top_k: 2", f"top_k: {TOP_K.get(name, 2)}")
         spec = load_spec_text(f"name: {name}\n{base}{extra}")[0]
         packages[name] = str(write_files(generate(spec), tmp_path / name))
     ctx = mp.get_context("spawn")

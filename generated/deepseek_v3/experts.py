@@ -70,10 +70,11 @@ class ExpertGroup(nn.Module):
         self.load_dense(up, down)
 
     @torch.no_grad()
-    def load_dense(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Set the held experts' weights: up [n, 2f or f, H] (gate rows first), down [n, H, f]."""
-        for name, dense in ((self.up_name, up), ("w_down_EHF", down)):
-            getattr(self, name).copy_(dense)
+    def load_dense(self, up: torch.Tensor, down: torch.Tensor, cols: slice = slice(None)) -> None:
+        """Set the held experts' weights: up [n, 2f or f, H] (gate rows first), down [n, H, F] of
+        which this shard keeps the columns ``cols``."""
+        for name, dense, part in ((self.up_name, up, slice(None)), ("w_down_EHF", down, cols)):
+            getattr(self, name).copy_(dense[..., part])
 
     @torch.no_grad()
     def load_full(
@@ -93,7 +94,7 @@ class ExpertGroup(nn.Module):
             up = torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1)
         else:
             up = w_up_EFH[idx][:, cols]
-        self.load_dense(up, w_down_EHF[idx][:, :, cols])
+        self.load_dense(up, w_down_EHF[idx], cols)
         if b_up_EF is not None:
             b_up = (
                 torch.cat([b_gate_EF[idx][:, cols], b_up_EF[idx][:, cols]], dim=1)

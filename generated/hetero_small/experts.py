@@ -72,15 +72,19 @@ class ExpertGroup(nn.Module):
         self.load_dense(up, down)
 
     @torch.no_grad()
-    def load_dense(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Set the held experts' weights: up [n, 2f or f, H] (gate rows first), down [n, H, f]        (quantised on the way in when the group stores QUANT)."""
-        for name, dense in ((self.up_name, up), ("w_down_EHF", down)):
+    def load_dense(self, up: torch.Tensor, down: torch.Tensor, cols: slice = slice(None)) -> None:
+        """Set the held experts' weights: up [n, 2f or f, H] (gate rows first), down [n, H, F] of
+        which this shard keeps the columns ``cols``; quantised on the way in when the
+        group stores QUANT, with one scale per whole row of down (the unsharded layer's scales)."""
+        for name, dense, part in ((self.up_name, up, slice(None)), ("w_down_EHF", down, cols)):
             if self.QUANT is not None:
                 q, scale = quantize(dense, self.QUANT)
-                setattr(self, f"q_{name}", q)
+                if self.QUANT == "int4" and part != slice(None):  # two columns a byte
+                    part = slice(part.start // 2, part.stop // 2)
+                setattr(self, f"q_{name}", q[..., part].contiguous())
                 setattr(self, f"s_{name}", scale)
                 continue
-            getattr(self, name).copy_(dense)
+            getattr(self, name).copy_(dense[..., part])
 
     @torch.no_grad()
     def load_full(
@@ -100,7 +104,7 @@ class ExpertGroup(nn.Module):
             up = torch.cat([w_gate_EFH[idx][:, cols], w_up_EFH[idx][:, cols]], dim=1)
         else:
             up = w_up_EFH[idx][:, cols]
-        self.load_dense(up, w_down_EHF[idx][:, :, cols])
+        self.load_dense(up, w_down_EHF[idx], cols)
         if b_up_EF is not None:
             b_up = (
                 torch.cat([b_gate_EF[idx][:, cols], b_up_EF[idx][:, cols]], dim=1)

@@ -53,8 +53,15 @@ def experts_rules(spec: Spec) -> Iterator[Problem]:
             ), f"duplicate group name {group.name!r}", "give each group a unique name"
         seen[group.name] = i
         yield from _mlp_rules(group, ("experts", i))
-        if spec.parallel.expert_tp > 1 and group.ffn % spec.parallel.expert_tp:
-            message = f"must be divisible by parallel.expert_tp={spec.parallel.expert_tp} (got {group.ffn})"
+        etp = spec.parallel.expert_tp
+        if etp > 1 and group.ffn % etp:
+            message = f"must be divisible by parallel.expert_tp={etp} (got {group.ffn})"
+            yield ("experts", i, "ffn"), message, None
+        elif etp > 1 and group.dtype == "int4" and (group.ffn // etp) % 2:
+            message = (
+                f"int4 weights pack two values a byte: each of the parallel.expert_tp={etp} "
+                f"slices must be even (got {group.ffn} // {etp} = {group.ffn // etp})"
+            )
             yield ("experts", i, "ffn"), message, None
     if spec.shared is not None:
         yield from _mlp_rules(spec.shared, ("shared",))
