@@ -82,6 +82,31 @@ experts:
   - {name: tiny_fp8, count: 2, ffn: 8, dtype: fp8}
 router: {top_k: 3, normalize: sum}
 """,  # int8, int4 and fp8 through the kernels (stored tiles, row scales)
+    "expert_choice_zero_latent": """
+name: expert_choice_zero_latent
+hidden: 16
+dtype: fp32
+experts: [{count: 6, ffn: 8}]
+latent: {dim: 8}
+router: {top_k: 2, kind: expert_choice}
+capacity: {factor: 1.0}
+""",  # experts choose their tokens; experts work in a latent projection
+    "sparsemixer": """
+name: sparsemixer
+hidden: 16
+dtype: fp32
+experts: [{count: 6, ffn: 8}]
+router: {top_k: 2, kind: sparsemixer, sparsemixer_eps: 0.01}
+""",
+    "zero_experts_sequence_capacity": """
+name: zero_experts_sequence_capacity
+hidden: 16
+dtype: fp32
+experts: [{count: 6, ffn: 8}]
+zero_experts: 2
+router: {top_k: 2}
+capacity: {factor: 0.5, scope: sequence, drop: probs}
+""",  # identity experts; slots dropped by probability within each sequence
     "v2_masked": """
 name: v2_masked
 hidden: 16
