@@ -16,6 +16,7 @@ import argparse
 import cProfile
 import importlib
 import os
+import pkgutil
 import pstats
 import sys
 import time
@@ -38,9 +39,11 @@ class _NoLaunch:
 
 
 def stub_kernels(pkg) -> None:
-    """Replace the package's kernels by no-ops (the launch code around them still runs)."""
-    for name in ("grouped_gemm", "permute", "routing"):
-        module = importlib.import_module(f"{pkg.__name__}.kernels.{name}")
+    """Replace the kernels of every module of the package's kernel library by no-ops (the launch
+    code around them still runs)."""
+    kernels = importlib.import_module(f"{pkg.__name__}.kernels")
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for attr in dir(module):
             if attr.startswith("_") and attr.endswith("_kernel"):
                 setattr(module, attr, _NoLaunch())
