@@ -379,29 +379,9 @@ def test_grouped_gemm_backward_matches_the_oracle(
     the pre-activations the forward kernel saved (other groups' rows left NaN) or recomputed."""
     if not interpreted:
         monkeypatch.setattr(backward_rows, "use_triton", lambda t: False)
-    T, H, F, E, K = 11, 16, 8, 5, 3
-    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
-        T, H, F, E, K, torch.float32, glu_form, bias, seed=3, id_hi=id_hi
-    )
     kw = dict(first_expert_id=first, activation="gelu", glu_form=glu_form, limit=1.5, alpha=1.7,
               gate_softcap=2.0, up_softcap=3.0, weight_on_input=weight_on_input)  # fmt: skip
-    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
-    gu = None
-    if saved_gu:
-        gu = torch.full((T * K, w_up.shape[1]), float("nan"))
-        mk.moe_experts_triton(x, ids, w, w_up, w_down, b_up, b_down, **kw, config=CFG, gu_out_NX=gu)
-    got = backward.experts_backward(
-        gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), gu_SX=gu
-    )
-    assert got is not None, "torch._grouped_mm refused float32 CPU tensors"
-    leaves = [t.double().requires_grad_() if t is not None else None
-              for t in (x, w, w_up, w_down, b_up, b_down)]  # fmt: skip
-    y = reference.moe_experts(leaves[0], ids, *leaves[1:], **kw)
-    want = torch.autograd.grad(y, [t for t in leaves if t is not None], gy.double())
-    got = [g for g in got if g is not None]
-    names = ["dx", "dw", "dw_up", "dw_down"] + (["db_up", "db_down"] if bias else [])
-    for name, a, b in zip(names, got, want, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+    check_grouped_backward(11, 16, 8, 5, 3, bias, kw, saved_gu, seed=3, id_hi=id_hi)
 
 
 @given(
@@ -417,12 +397,18 @@ def test_grouped_backward_property(
     """Over random small problems (a group [first, first+E) of first+E+extra global experts,
     dropped slots, every activation and form, biases, the weight on the input, pre-activations
     kept or not), the grouped backward equals autograd through the float64 oracle."""
-    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
-        T, H, F, E, K, torch.float32, form, bias, seed=seed, id_hi=first + E + extra
-    )
     kw = dict(first_expert_id=first, activation=act, glu_form=form, limit=1.5, alpha=1.7,
               gate_softcap=2.0, up_softcap=3.0, weight_on_input=weight_on_input)  # fmt: skip
-    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
+    check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed=seed, id_hi=first + E + extra)
+
+
+def check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed, id_hi):
+    """``backward.experts_backward`` (from the pre-activations the forward kernel saved, other
+    groups' rows left NaN, or recomputed) equals autograd through the float64 oracle."""
+    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
+        T, H, F, E, K, torch.float32, kw["glu_form"], bias, seed=seed, id_hi=id_hi
+    )
+    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 1))
     gu = None
     if saved_gu:
         gu = torch.full((T * K, w_up.shape[1]), float("nan"))
@@ -430,6 +416,7 @@ def test_grouped_backward_property(
     got = backward.experts_backward(
         gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), gu_SX=gu
     )
+    assert got is not None, "torch._grouped_mm refused float32 CPU tensors"
     leaves = [t.double().requires_grad_() if t is not None else None
               for t in (x, w, w_up, w_down, b_up, b_down)]  # fmt: skip
     y = reference.moe_experts(leaves[0], ids, *leaves[1:], **kw)
@@ -440,8 +427,9 @@ def test_grouped_backward_property(
         )
     else:  # no slot reaches the group: the oracle's output is a constant zero
         want = [torch.zeros_like(t) for t in inputs]
-    for a, b in zip([g for g in got if g is not None], want, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    names = ["dx", "dw", "dw_up", "dw_down"] + (["db_up", "db_down"] if bias else [])
+    for name, a, b in zip(names, [g for g in got if g is not None], want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("form", reference.GLU_FORMS)
