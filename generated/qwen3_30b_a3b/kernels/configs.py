@@ -82,6 +82,14 @@ def default_config(
     (1.02x and 1.10x geomean, never slower on any shape), and the compute-bound up GEMM a 4-stage
     ring (2-7% faster than 3 stages on every shape).
 
+    From ~48 rows per expert the large tiles win (H200, 2026-12-02, bench/RESULTS.md): with 64-row
+    blocks, an expert holding a few more than 64 rows (about half of them at 64 on average) ran a
+    second, almost empty block that streams its weights again; one 128-row block, or the 64-row
+    tail tile for an expert with <= 64 rows, streams them once. The expert path at ~64 rows per
+    expert: Mixtral T=256 1.10x, OLMoE T=512 1.09x, Qwen3 T=1024 1.07x, DeepSeek-V3 T=2048 1.12x;
+    at ~40 rows 0.97-1.01x, so that regime keeps the 64-row tiles. Measured for bf16 weights only:
+    quantised weights keep the 64-row tiles up to 64 rows.
+
     ``weights`` ("dense", "int8", "int4", "fp8": how the expert weights are stored) keeps the
     earlier tiles where the H200 tiles measured slower for that format (bench/moe_quant.py,
     2026-12-01): fp8 at <= 8 rows (Mixtral T=16 0.473 vs 0.592 ms, Qwen3 0.161 vs 0.175 ms) and
@@ -96,7 +104,7 @@ def default_config(
         up, down = GemmConfig(32, 128, 128, 8, 4, 3), GemmConfig(32, 128, 128, 8, 4, 3)
     elif rows <= 64 and weights == "int4":
         up, down = GemmConfig(64, 64, 128, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
-    elif rows <= 64:
+    elif rows <= 48 or (rows <= 64 and weights != "dense"):
         up, down = GemmConfig(64, 128, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 3)
     else:
         up, down = GemmConfig(128, 128, 64, 8, 8, 4), GemmConfig(128, 256, 64, 8, 8, 4)
