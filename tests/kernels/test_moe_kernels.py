@@ -500,6 +500,27 @@ def test_zero_empty_experts_writes_only_the_empty_ones(monkeypatch, interpreted)
     assert torch.equal(d_w[[0, 2, 3]], before[[0, 2, 3]])
 
 
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_sum_slots_reads_each_token_rows_in_expert_order(monkeypatch, interpreted):
+    """dx sums each token's rows in slot order, read in place from expert order (the kernel
+    gathers them through each slot's row; the torch twin copies them into slot order first).
+    Slots of other groups and dropped ones (-1) add nothing; a token with none gets zeros."""
+    if not interpreted:
+        monkeypatch.setattr(backward_rows, "use_triton", lambda t: False)
+    T, K, E, first, H = 7, 3, 4, 2, 1030  # H longer than one block of the kernel
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 8, (T, K), generator=g)
+    ids[5] = 0  # token 5: no slot in the group [2, 6)
+    slot_N, _, _ = reference.sort_slots(ids, E, first)
+    d_NH = torch.randn(len(slot_N), H, generator=g)
+    want = torch.zeros(T * K, H, dtype=torch.float64)
+    want[slot_N] = d_NH.double()
+    want = want.view(T, K, H).sum(1)
+    got = backward_rows.sum_slots(d_NH, slot_N, ids.t().contiguous().t(), E, first)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[5], torch.zeros(H))
+
+
 def test_grouped_gemm_backward_declines_unaligned_rows():
     """Rows the op cannot take (H * 4 bytes not a multiple of 16) fall back to the oracle: None."""
     x, ids, w, w_up, w_down, _, _ = make_experts(5, 10, 8, 3, 2, torch.float32)

@@ -229,9 +229,10 @@ def sum_slots(d_NH, slot_N, topk_ids_TK, num_experts, first_expert_id) -> Tensor
     """dx_TH: row n of d added to token slot_N[n] // K, each token's rows summed in slot order
     (float32 sum, deterministic; a token with no row here gets zeros)."""
     T, K = topk_ids_TK.shape
-    d_SH = torch.empty(T * K, d_NH.shape[1], dtype=d_NH.dtype, device=d_NH.device)
-    if use_triton(d_NH):  # combine skips the slots of other groups (never written here)
-        ids_TK = topk_ids_TK.contiguous()  # combine reads the ids as a [T, K] row-major table
-        return combine(d_SH.index_copy_(0, slot_N, d_NH), ids_TK, num_experts, first_expert_id)
-    d_SH.zero_().index_copy_(0, slot_N, d_NH)
+    if use_triton(d_NH):  # each token's rows read in place, through the row of each slot
+        row_S = torch.full((T * K,), -1, dtype=torch.int32, device=d_NH.device)
+        row_S[slot_N] = torch.arange(len(slot_N), dtype=torch.int32, device=d_NH.device)
+        return combine(d_NH.contiguous(), topk_ids_TK, num_experts, first_expert_id, row_S)
+    d_SH = torch.zeros(T * K, d_NH.shape[1], dtype=d_NH.dtype, device=d_NH.device)
+    d_SH.index_copy_(0, slot_N, d_NH)
     return d_SH.view(T, K, -1).sum(1, dtype=torch.float32).to(d_NH.dtype)
