@@ -223,6 +223,40 @@ def test_activation_checkpointing_matches_plain_backward(layer):
             torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-6)
 
 
+def test_keep_preactivations_off_saves_less_and_gives_the_same_gradients(layer):
+    """``keep_preactivations=False`` (the layer's memory knob) keeps no [T*K, 2F] pre-activations
+    for the backward, which recomputes them: same gradients, less saved."""
+    layer.backend = "triton"
+    x = torch.randn(7, layer.router.weight.shape[1])
+    grads, saved = [], []
+    for keep in (True, False):
+        for group in layer.groups.values():
+            group.keep_preactivations = keep
+        layer.zero_grad()
+        xb = x.clone().requires_grad_()
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(xb)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([xb.grad] + [p.grad for _, p in layer.named_parameters()])
+        saved.append(sum(sizes))
+    for group in layer.groups.values():
+        group.keep_preactivations = True
+    for kept, recomputed in zip(*grads, strict=True):
+        if kept is None or recomputed is None:
+            assert kept is None and recomputed is None
+        else:
+            torch.testing.assert_close(recomputed, kept, atol=1e-6, rtol=1e-6)
+    assert saved[1] < saved[0]
+    built = type(layer)(torch.float32, keep_preactivations=False)  # the constructor's switch
+    assert not any(g.keep_preactivations for g in built.groups.values())
+
+
 def test_no_grad_calls_skip_the_custom_ops(layer, monkeypatch):
     """Without autograd or tracing, the public functions call the kernels directly (the custom
     op's dispatch is host overhead at small T); with autograd they go through the op."""

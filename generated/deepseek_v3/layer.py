@@ -33,6 +33,10 @@ class MoELayer(nn.Module):
         distributed: shard the experts over the plan's 64 ranks (the default when
             torch.distributed is initialised with that world size); ``False`` builds the whole layer.
         layer: which MoE layer of the plan this is (the expert placement may differ per layer).
+        keep_preactivations: training through the Triton kernels keeps each slot's expert
+            pre-activations for the backward (T·K·2F values per expert group, in ``dtype``), which
+            spares it the up GEMM; ``False`` recomputes them instead (less memory, slower backward).
+            ``torch.utils.checkpoint`` around the layer saves more, recomputing the whole forward.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class MoELayer(nn.Module):
         backend: str = "auto",
         distributed: bool | None = None,
         layer: int = 0,
+        keep_preactivations: bool = True,
     ):
         super().__init__()
         self.backend = backends.check(backend)
@@ -56,6 +61,8 @@ class MoELayer(nn.Module):
                 "routed": RoutedExperts(dtype, device, [e for e in held if 0 <= e <= 255]),
             }
         )
+        for group in self.groups.values():
+            group.keep_preactivations = keep_preactivations
         self.shared = SharedExpert(HIDDEN, dtype, device)
         self.aux_losses: dict[str, torch.Tensor] = {}
 

@@ -36,6 +36,9 @@ class ExpertGroup(nn.Module):
     HIDDEN: int
     GLU: bool
     KERNEL: dict | None = None
+    # Training through the kernels keeps each slot's pre-activations (T*K x 2F values) so the backward
+    # skips the up GEMM; False recomputes them (less memory, slower backward). MoELayer sets it.
+    keep_preactivations: bool = True
 
     def __init__(
         self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
@@ -159,6 +162,7 @@ class ExpertGroup(nn.Module):
             *self.biases(),
             first_expert_id=first,
             weight_on_input=WEIGHT_ON_INPUT,
+            keep_preactivations=self.keep_preactivations,
             **self.KERNEL,
         )
 

@@ -38,6 +38,9 @@ class ExpertGroup(nn.Module):
     GLU: bool
     QUANT: str | None = None
     KERNEL: dict | None = None
+    # Training through the kernels keeps each slot's pre-activations (T*K x 2F values) so the backward
+    # skips the up GEMM; False recomputes them (less memory, slower backward). MoELayer sets it.
+    keep_preactivations: bool = True
 
     def __init__(
         self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
@@ -186,6 +189,7 @@ class ExpertGroup(nn.Module):
             weight_on_input=WEIGHT_ON_INPUT,
             **self.KERNEL,
             **scales,
+            keep_preactivations=self.keep_preactivations,
         )
 
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:

@@ -30,9 +30,19 @@ class MoELayer(nn.Module):
         device: where to allocate (``"meta"`` to build without memory).
         backend: ``"auto"`` (Triton kernels for CUDA tensors, else PyTorch), ``"triton"`` or
             ``"torch"`` (the vectorised PyTorch path, on any device).
+        keep_preactivations: training through the Triton kernels keeps each slot's expert
+            pre-activations for the backward (T·K·2F values per expert group, in ``dtype``), which
+            spares it the up GEMM; ``False`` recomputes them instead (less memory, slower backward).
+            ``torch.utils.checkpoint`` around the layer saves more, recomputing the whole forward.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device=None, backend: str = "auto"):
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        backend: str = "auto",
+        keep_preactivations: bool = True,
+    ):
         super().__init__()
         self.backend = backends.check(backend)
         self.router = Router(HIDDEN, dtype, device)
@@ -43,6 +53,8 @@ class MoELayer(nn.Module):
                 "narrow_int4": NarrowInt4Experts(dtype, device),
             }
         )
+        for group in self.groups.values():
+            group.keep_preactivations = keep_preactivations
         self.shared = SharedExpert(HIDDEN, dtype, device)
         self.shared_gate = nn.Linear(HIDDEN, 1, bias=False, dtype=dtype, device=device)
         self.aux_losses: dict[str, torch.Tensor] = {}

@@ -35,6 +35,10 @@ class MoELayer(nn.Module):
         distributed: shard the experts over the plan's 8 ranks (the default when
             torch.distributed is initialised with that world size); ``False`` builds the whole layer.
         layer: which MoE layer of the plan this is (the expert placement may differ per layer).
+        keep_preactivations: training through the Triton kernels keeps each slot's expert
+            pre-activations for the backward (T·K·2F values per expert group, in ``dtype``), which
+            spares it the up GEMM; ``False`` recomputes them instead (less memory, slower backward).
+            ``torch.utils.checkpoint`` around the layer saves more, recomputing the whole forward.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class MoELayer(nn.Module):
         backend: str = "auto",
         distributed: bool | None = None,
         layer: int = 0,
+        keep_preactivations: bool = True,
     ):
         super().__init__()
         self.backend = backends.check(backend)
@@ -58,6 +63,8 @@ class MoELayer(nn.Module):
                 "routed": RoutedExperts(dtype, device, [e for e in held if 0 <= e <= 7]),
             }
         )
+        for group in self.groups.values():
+            group.keep_preactivations = keep_preactivations
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):

@@ -371,6 +371,7 @@ def moe_experts(
     weight_on_input: bool = False,
     w_up_scale_EX: Tensor | None = None,
     w_down_scale_EH: Tensor | None = None,
+    keep_preactivations: bool = True,
 ) -> Tensor:
     """y_TH = Σ_k w_tk · expert_{id_tk}(x_t) over the slots of this expert group. Differentiable.
 
@@ -396,6 +397,9 @@ def moe_experts(
             value = nibble - 8), and weight row r is ``w[..., r, :] * scale[..., r]`` (float32
             scales); the kernels multiply the integer tiles in the activations' dtype and scale
             the accumulators. Such weights get no gradient.
+        keep_preactivations: when autograd records the call, keep each slot's pre-activations
+            ([T*K, X] in x's dtype, written by the up GEMM's epilogue) so the backward skips the
+            up GEMM; False recomputes them in the backward (less memory, one GEMM more).
 
     Returns:
         y_TH [T, H] in x's dtype.
@@ -410,4 +414,4 @@ def moe_experts(
         return (moe_experts_triton if use_triton(x_TH) else reference.moe_experts)(*args)
     # a call autograd records keeps the pre-activations (T*K x X in x's dtype) for the backward
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    return _experts_op(*args, train)[0]
+    return _experts_op(*args, train and keep_preactivations)[0]
