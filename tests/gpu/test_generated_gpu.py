@@ -171,6 +171,52 @@ def test_generated_layer_compiles_and_replays_in_a_cuda_graph():
     del layer
 
 
+def test_training_step_replays_in_a_cuda_graph():
+    """A whole training step (forward and backward) of a generated layer captured in a CUDA graph
+    (the backward then runs on all T*K slots: no host sync) replays to the gradients of an eager
+    step, for a new input copied into the captured one."""
+    pkg = load("olmoe_1b_7b")
+    free_memory()
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton")
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(512, pkg.layer.HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+    static_x = x.clone().requires_grad_()
+
+    def step(layer=layer):
+        layer(static_x).backward(gy)
+
+    side = torch.cuda.Stream()  # warm up (compile the kernels) outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer.zero_grad(set_to_none=True)
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    layer.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    new_x = x.flip(0)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    got = [static_x.grad.clone()] + [p.grad.clone() for p in params]
+
+    xe = new_x.clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    layer(xe).backward(gy)
+    want = [xe.grad] + [p.grad for p in params]
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) <= 1e-2
+    del step, layer, graph
+    free_memory()
+
+
 def test_mixed_precision_groups_through_the_kernels():
     """bf16 / int8 / int4 / fp8 expert groups in one layer: the Triton kernels (integer and fp8
     tiles, row scales on the accumulators) against the same layer's torch path (dequantised

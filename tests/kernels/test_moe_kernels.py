@@ -370,18 +370,23 @@ def test_reference_experts_backward_takes_each_weight_once():
         ("standard", True, False, 0, 3),  # experts 3 and 4 get no rows
     ],
 )
-@pytest.mark.parametrize("interpreted, saved_gu", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    "interpreted, saved_gu, static_rows",
+    [(True, True, False), (True, False, False), (False, False, False), (True, True, True),
+     (False, False, True)],
+)  # fmt: skip
 def test_grouped_gemm_backward_matches_the_oracle(
-    monkeypatch, glu_form, bias, weight_on_input, first, id_hi, interpreted, saved_gu
+    monkeypatch, glu_form, bias, weight_on_input, first, id_hi, interpreted, saved_gu, static_rows
 ):
     """The grouped-GEMM backward equals autograd through the oracle (float64 reference), with
     its elementwise pieces as Triton kernels (interpreter) and as their plain-torch twins, from
-    the pre-activations the forward kernel saved (other groups' rows left NaN) or recomputed."""
+    the pre-activations the forward kernel saved (other groups' rows left NaN) or recomputed;
+    with the exact rows or, as under CUDA-graph capture, all T*K of them (``static_rows``)."""
     if not interpreted:
         monkeypatch.setattr(backward_rows, "use_triton", lambda t: False)
     kw = dict(first_expert_id=first, activation="gelu", glu_form=glu_form, limit=1.5, alpha=1.7,
               gate_softcap=2.0, up_softcap=3.0, weight_on_input=weight_on_input)  # fmt: skip
-    check_grouped_backward(11, 16, 8, 5, 3, bias, kw, saved_gu, seed=3, id_hi=id_hi)
+    check_grouped_backward(11, 16, 8, 5, 3, bias, kw, saved_gu, 3, id_hi, static_rows)
 
 
 @given(
@@ -389,22 +394,25 @@ def test_grouped_gemm_backward_matches_the_oracle(
     E=st.integers(1, 5), K=st.integers(1, 3), first=st.integers(0, 2), extra=st.integers(0, 3),
     form=st.sampled_from(reference.GLU_FORMS), act=st.sampled_from(reference.ACTIVATIONS),
     bias=st.booleans(), weight_on_input=st.booleans(), saved_gu=st.booleans(),
-    seed=st.integers(0, 2**16),
+    static_rows=st.booleans(), seed=st.integers(0, 2**16),
 )  # fmt: skip
 def test_grouped_backward_property(
-    T, H, F, E, K, first, extra, form, act, bias, weight_on_input, saved_gu, seed
+    T, H, F, E, K, first, extra, form, act, bias, weight_on_input, saved_gu, static_rows, seed
 ):
     """Over random small problems (a group [first, first+E) of first+E+extra global experts,
     dropped slots, every activation and form, biases, the weight on the input, pre-activations
-    kept or not), the grouped backward equals autograd through the float64 oracle."""
+    kept or not, exact or static rows), the grouped backward equals autograd through the float64
+    oracle."""
     kw = dict(first_expert_id=first, activation=act, glu_form=form, limit=1.5, alpha=1.7,
               gate_softcap=2.0, up_softcap=3.0, weight_on_input=weight_on_input)  # fmt: skip
-    check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed=seed, id_hi=first + E + extra)
+    id_hi = first + E + extra
+    check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed, id_hi, static_rows)
 
 
-def check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed, id_hi):
+def check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed, id_hi, static_rows=False):
     """``backward.experts_backward`` (from the pre-activations the forward kernel saved, other
-    groups' rows left NaN, or recomputed) equals autograd through the float64 oracle."""
+    groups' rows left NaN, or recomputed; on the exact rows or on all T*K, ``static_rows``) equals
+    autograd through the float64 oracle."""
     x, ids, w, w_up, w_down, b_up, b_down = make_experts(
         T, H, F, E, K, torch.float32, kw["glu_form"], bias, seed=seed, id_hi=id_hi
     )
@@ -414,7 +422,7 @@ def check_grouped_backward(T, H, F, E, K, bias, kw, saved_gu, seed, id_hi):
         gu = torch.full((T * K, w_up.shape[1]), float("nan"))
         mk.moe_experts_triton(x, ids, w, w_up, w_down, b_up, b_down, **kw, config=CFG, gu_out_NX=gu)
     got = backward.experts_backward(
-        gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), gu_SX=gu
+        gy, x, ids, w, w_up, w_down, b_up, b_down, *kw.values(), gu_SX=gu, static_rows=static_rows
     )
     assert got is not None, "torch._grouped_mm refused float32 CPU tensors"
     leaves = [t.double().requires_grad_() if t is not None else None

@@ -225,14 +225,18 @@ def dot_and_scale(a_NH, a_bias_EH, e_N, b_RH, idx_N, rw_N, scale_a: bool):
     return dot, out
 
 
-def sum_slots(d_NH, slot_N, topk_ids_TK, num_experts, first_expert_id) -> Tensor:
+def sum_slots(d_NH, slot_N, topk_ids_TK, num_experts, first_expert_id, valid_N=None) -> Tensor:
     """dx_TH: row n of d added to token slot_N[n] // K, each token's rows summed in slot order
-    (float32 sum, deterministic; a token with no row here gets zeros)."""
+    (float32 sum, deterministic; a token with no row here gets zeros). Rows where ``valid_N`` is
+    False are left out (their values may be garbage)."""
     T, K = topk_ids_TK.shape
+    arange_N = torch.arange(len(slot_N), dtype=torch.int32, device=d_NH.device)
     if use_triton(d_NH):  # each token's rows read in place, through the row of each slot
         row_S = torch.full((T * K,), -1, dtype=torch.int32, device=d_NH.device)
-        row_S[slot_N] = torch.arange(len(slot_N), dtype=torch.int32, device=d_NH.device)
+        row_S[slot_N] = arange_N if valid_N is None else torch.where(valid_N, arange_N, -1)
         return combine(d_NH.contiguous(), topk_ids_TK, num_experts, first_expert_id, row_S)
     d_SH = torch.zeros(T * K, d_NH.shape[1], dtype=d_NH.dtype, device=d_NH.device)
+    if valid_N is not None:
+        d_NH = torch.where(valid_N[:, None], d_NH, 0.0)
     d_SH.index_copy_(0, slot_N, d_NH)
     return d_SH.view(T, K, -1).sum(1, dtype=torch.float32).to(d_NH.dtype)

@@ -62,6 +62,7 @@ def experts_backward(
     up_softcap: float,
     weight_on_input: bool,
     gu_SX: Tensor | None = None,
+    static_rows: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None] | None:
     """(dx, d routing weights, d w_up, d w_down, d b_up, d b_down), or None (use the oracle) for
     tensors ``torch._grouped_mm`` does not take.
@@ -69,7 +70,12 @@ def experts_backward(
     ``gu_SX``: the forward's pre-activations of each slot ([T*K, X], ``grouped_gemm.up_proj``'s
     ``gu_out_NX``), which spare the up GEMM's recompute. Used at any number of experts: with the
     pre-activations kept, even Mixtral-8x7B's 8 experts train faster this way than through the
-    per-expert loop (H200, T=4096: 16.7 ms a step against 22.8 ms; bench/RESULTS.md)."""
+    per-expert loop (H200, T=4096: 16.7 ms a step against 22.8 ms; bench/RESULTS.md).
+
+    ``static_rows`` (default: while a CUDA graph is being captured) runs on all T*K slots, this
+    group's first in expert order and the others after them, masked out: no host sync (the exact
+    row count needs one: ``torch.nonzero``), so the backward can be captured, at the cost of
+    elementwise work on the rows of other groups and of dropped slots."""
     key = (x_TH.device.type, x_TH.dtype)
     E, X, H = w_up_EXH.shape
     if not hasattr(torch, "_grouped_mm") or key in _REFUSED:
@@ -82,7 +88,7 @@ def experts_backward(
         return _backward(
             grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX,
             b_down_EH, first_expert_id, activation, glu_form, limit, alpha, gate_softcap,
-            up_softcap, weight_on_input, gu_SX,
+            up_softcap, weight_on_input, gu_SX, _capturing() if static_rows is None else static_rows,
         )  # fmt: skip
     except (RuntimeError, NotImplementedError):  # dtype / layout / device the op does not take
         _REFUSED.add(key)
@@ -91,17 +97,17 @@ def experts_backward(
 
 def _backward(
     grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
-    first, act, form, limit, alpha, gate_cap, up_cap, weight_on_input, gu_SX,
+    first, act, form, limit, alpha, gate_cap, up_cap, weight_on_input, gu_SX, static_rows,
 ):  # fmt: skip
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     E, X, _ = w_up_EXH.shape
     dtype = x_TH.dtype
-    slot_N, e_N, counts_E = reference.sort_slots(topk_ids_TK, E, first)
+    slot_N, e_N, counts_E, valid_N = _sorted_slots(topk_ids_TK, E, first, static_rows)
     tok_N = slot_N // K
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     rw_N = topk_weights_TK.reshape(-1)[slot_N].float()
-    if slot_N.numel() == 0:  # no row reaches this group: every gradient is zero
+    if slot_N.numel() == 0 and not static_rows:  # no row reaches this group: all gradients zero
         zeros = [torch.zeros_like(t) for t in (x_TH, topk_weights_TK, w_up_EXH, w_down_EHF)]
         return (*zeros, *(None if b is None else torch.zeros_like(b) for b in (b_up_EX, b_down_EH)))
 
@@ -136,19 +142,21 @@ def _backward(
     else:
         d_xs_NH = d_xin_NH
 
-    # dx: each row's gradient to its slot, then a fixed-order sum over the K slots of each token
-    # (deterministic, unlike an index_add_ of the rows into dx: float atomics on CUDA)
-    dx_TH = sum_slots(d_xs_NH, slot_N, topk_ids_TK, E, first)
+    # dx: a fixed-order sum over the K slots of each token (deterministic, unlike an index_add_ of
+    # the rows into dx: float atomics on CUDA)
+    dx_TH = sum_slots(d_xs_NH, slot_N, topk_ids_TK, E, first, valid_N)
     d_rw_S = torch.zeros(T * K, dtype=torch.float32, device=x_TH.device)
-    d_rw_S[slot_N] = d_rw_N
+    d_rw_S[slot_N] = d_rw_N if valid_N is None else torch.where(valid_N, d_rw_N, 0.0)
+    # the bias sums: masked rows (static_rows) go to an extra expert E, dropped at the end
+    bin_N = e_N if valid_N is None else torch.where(valid_N, e_N, E)
     d_b_up = d_b_down = None
     if b_up_EX is not None:
-        d_b_up = torch.zeros(E, X, dtype=torch.float32, device=x_TH.device)
-        d_b_up = d_b_up.index_add_(0, e_N, d_gu_NX.float()).to(b_up_EX.dtype)
+        d_b_up = torch.zeros(E + 1, X, dtype=torch.float32, device=x_TH.device)
+        d_b_up = d_b_up.index_add_(0, bin_N, d_gu_NX.float())[:E].to(b_up_EX.dtype)
     if b_down_EH is not None:
-        d_b_down = torch.zeros(E, H, dtype=torch.float32, device=x_TH.device)
+        d_b_down = torch.zeros(E + 1, H, dtype=torch.float32, device=x_TH.device)
         d_o_NH = dy_NH.float() if weight_on_input else dy_NH.float() * rw_N[:, None]
-        d_b_down = d_b_down.index_add_(0, e_N, d_o_NH).to(b_down_EH.dtype)
+        d_b_down = d_b_down.index_add_(0, bin_N, d_o_NH)[:E].to(b_down_EH.dtype)
     return (
         dx_TH,
         d_rw_S.view(T, K).to(topk_weights_TK.dtype),
@@ -157,6 +165,31 @@ def _backward(
         d_b_up,
         d_b_down,
     )
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a host sync would fail)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _sorted_slots(topk_ids_TK: Tensor, E: int, first: int, static_rows: bool):
+    """(slot_N, local expert_N, counts_E, valid_N): the slots of this group in expert order (stable).
+
+    ``static_rows``: all T*K slots, without a host sync; the group's lead in expert order, the
+    others (other groups' and dropped slots) follow with valid_N False and the last expert's id, so
+    that every lookup by expert stays in range; the grouped GEMMs stop at the last offset, and
+    everything else masks them out. Else only the group's slots (``torch.nonzero``: a host sync),
+    and valid_N is None."""
+    if not static_rows:
+        return (*reference.sort_slots(topk_ids_TK, E, first), None)
+    ids_S = topk_ids_TK.reshape(-1).long()
+    e_S = ids_S - first
+    key_S = torch.where((ids_S >= 0) & (e_S >= 0) & (e_S < E), e_S, E)
+    slot_N = torch.argsort(key_S, stable=True)
+    key_N = key_S[slot_N]
+    counts_E = torch.zeros(E + 1, dtype=torch.long, device=key_S.device)
+    counts_E = counts_E.index_add_(0, key_S, torch.ones_like(key_S))[:E]
+    return slot_N, key_N.clamp(max=E - 1), counts_E, key_N < E
 
 
 def oracle_vjp(
