@@ -293,11 +293,12 @@ def test_default_tiles_follow_the_weight_format_where_measured():
     assert [up_n(256, w) for w in ("dense", "int8", "int4", "fp8")] == [128, 128, 64, 128]
 
 
-def test_default_tiles_take_128_row_blocks_from_48_rows_per_expert():
-    """At ~64 rows per expert a 64-row block leaves about half the experts a second, nearly empty
-    block that streams their weights again; bf16 weights switch to 128-row blocks (their tail
-    tile covers experts with <= 64 rows) above 48 rows; quantised weights were not measured there
-    and keep the 64-row blocks up to 64 rows."""
+def test_default_tiles_keep_blocks_above_four_thirds_of_the_rows_per_expert():
+    """At a mean near the block height about half the experts run a second, nearly empty block
+    that streams their weights again; bf16 weights switch to 64-row blocks above 24 rows per
+    expert and to 128-row blocks (their tail tile covers experts with <= 64 rows) above 48;
+    quantised weights were not measured there and keep 32-row blocks up to 32 rows and 64-row
+    ones up to 64."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
     default_config = kernel_module("configs").default_config
@@ -305,7 +306,16 @@ def test_default_tiles_take_128_row_blocks_from_48_rows_per_expert():
     def block_m(T, weights="dense"):  # Mixtral's shape: T * 2 / 8 rows per expert
         return default_config(T, 4096, 14336, 8, 2, torch.bfloat16, weights).block_m
 
-    assert [block_m(T) for T in (136, 192, 196, 256, 4096)] == [64, 64, 128, 128, 128]
+    assert [block_m(T) for T in (96, 100, 128, 192, 196, 256, 4096)] == [
+        32,
+        64,
+        64,
+        64,
+        128,
+        128,
+        128,
+    ]
+    assert [block_m(128, w) for w in ("int8", "int4", "fp8")] == [32, 32, 32]
     assert [block_m(256, w) for w in ("int8", "int4", "fp8")] == [64, 64, 64]
     assert block_m(260, "int8") == 128
 

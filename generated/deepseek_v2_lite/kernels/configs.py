@@ -82,13 +82,16 @@ def default_config(
     (1.02x and 1.10x geomean, never slower on any shape), and the compute-bound up GEMM a 4-stage
     ring (2-7% faster than 3 stages on every shape).
 
-    From ~48 rows per expert the large tiles win (H200, 2026-12-02, bench/RESULTS.md): with 64-row
-    blocks, an expert holding a few more than 64 rows (about half of them at 64 on average) ran a
-    second, almost empty block that streams its weights again; one 128-row block, or the 64-row
-    tail tile for an expert with <= 64 rows, streams them once. The expert path at ~64 rows per
-    expert: Mixtral T=256 1.10x, OLMoE T=512 1.09x, Qwen3 T=1024 1.07x, DeepSeek-V3 T=2048 1.12x;
-    at ~40 rows 0.97-1.01x, so that regime keeps the 64-row tiles. Measured for bf16 weights only:
-    quantised weights keep the 64-row tiles up to 64 rows.
+    A block height should stay above ~4/3 of the mean rows per expert (H200, 2026-12-02,
+    bench/RESULTS.md): at a mean near the block height about half the experts hold a few rows more
+    than one block and run a second, almost empty block that streams their weights again. So from
+    24 rows per expert 64-row blocks replace 32-row ones (at ~32 rows: 1.07-1.12x on all four
+    shapes; at ~24 rows 0.95-0.97x), and from 48 rows 128-row blocks (whose 64-row tail tile takes
+    an expert with <= 64 rows) replace 64-row ones (at ~64 rows: Mixtral T=256 1.10x, OLMoE T=512
+    1.09x, Qwen3 T=1024 1.07x, DeepSeek-V3 T=2048 1.11x; at ~40 rows 0.98-1.01x). group_m 1 was
+    at least as fast as 8 for the 64-row blocks in all twelve cells measured. Measured for bf16
+    weights only: quantised weights keep the earlier regimes (32-row blocks up to 32 rows, 64-row
+    ones up to 64).
 
     ``weights`` ("dense", "int8", "int4", "fp8": how the expert weights are stored) keeps the
     earlier tiles where the H200 tiles measured slower for that format (bench/moe_quant.py,
@@ -100,12 +103,14 @@ def default_config(
         up, down = GemmConfig(16, 32, 256, 1, 4, 4), GemmConfig(16, 64, 256, 1, 4, 3)
     elif rows <= 8:
         up, down = GemmConfig(16, 64, 256, 1, 4, 4), GemmConfig(16, 64, 128, 1, 4, 3)
-    elif rows <= 32:
+    elif rows <= 24 or (rows <= 32 and weights != "dense"):
         up, down = GemmConfig(32, 128, 128, 8, 4, 3), GemmConfig(32, 128, 128, 8, 4, 3)
     elif rows <= 64 and weights == "int4":
         up, down = GemmConfig(64, 64, 128, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
-    elif rows <= 48 or (rows <= 64 and weights != "dense"):
+    elif rows <= 64 and weights != "dense":
         up, down = GemmConfig(64, 128, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 3)
+    elif rows <= 48:
+        up, down = GemmConfig(64, 128, 64, 1, 4, 4), GemmConfig(64, 128, 64, 1, 4, 3)
     else:
         up, down = GemmConfig(128, 128, 64, 8, 8, 4), GemmConfig(128, 256, 64, 8, 8, 4)
     if dtype == torch.float32:  # 4-byte tiles: keep the shared-memory ring within 227 KB
