@@ -257,6 +257,22 @@ def test_keep_preactivations_off_saves_less_and_gives_the_same_gradients(layer):
     assert not any(g.keep_preactivations for g in built.groups.values())
 
 
+def test_one_group_layers_run_the_backward_on_static_rows(layer, monkeypatch):
+    """A layer of one expert group holding every expert runs its backward on all T*K slots
+    (nearly all of them its own: no host sync to count them); a layer of several groups counts
+    each group's own. The gradients against the torch backend are checked above."""
+    ops = type(layer).__module__.rsplit(".", 1)[0]
+    bw = __import__(ops, fromlist=["backend"]).backend.kernels().backward
+    real, seen = bw._sorted_slots, []
+    monkeypatch.setattr(bw, "_sorted_slots", lambda *a: seen.append(a[3]) or real(*a))
+    layer.backend = "triton"
+    x = torch.randn(7, layer.router.weight.shape[1], requires_grad=True)
+    layer(x).sum().backward()
+    one = len(layer.groups) == 1
+    assert [g.static_rows for g in layer.groups.values()] == [one] * len(layer.groups)
+    assert seen and all(static == one for static in seen), seen
+
+
 def test_no_grad_calls_skip_the_custom_ops(layer, monkeypatch):
     """Without autograd or tracing, the public functions call the kernels directly (the custom
     op's dispatch is host overhead at small T); with autograd they go through the op."""

@@ -41,6 +41,9 @@ class ExpertGroup(nn.Module):
     # Training through the kernels keeps each slot's pre-activations (T*K x 2F values) so the backward
     # skips the up GEMM; False recomputes them (less memory, slower backward). MoELayer sets it.
     keep_preactivations: bool = True
+    # The backward runs on all T*K slots (this group's first, the rest masked) instead of counting
+    # this group's (a host sync): MoELayer sets it when nearly every slot is this group's.
+    static_rows: bool = False
 
     def __init__(
         self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
@@ -190,6 +193,7 @@ class ExpertGroup(nn.Module):
             **self.KERNEL,
             **scales,
             keep_preactivations=self.keep_preactivations,
+            static_rows=self.static_rows,
         )
 
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:

@@ -39,6 +39,9 @@ class ExpertGroup(nn.Module):
     # Training through the kernels keeps each slot's pre-activations (T*K x 2F values) so the backward
     # skips the up GEMM; False recomputes them (less memory, slower backward). MoELayer sets it.
     keep_preactivations: bool = True
+    # The backward runs on all T*K slots (this group's first, the rest masked) instead of counting
+    # this group's (a host sync): MoELayer sets it when nearly every slot is this group's.
+    static_rows: bool = False
 
     def __init__(
         self, dtype: torch.dtype, device=None, experts=None, shard: int = 0, shards: int = 1
@@ -163,6 +166,7 @@ class ExpertGroup(nn.Module):
             first_expert_id=first,
             weight_on_input=WEIGHT_ON_INPUT,
             keep_preactivations=self.keep_preactivations,
+            static_rows=self.static_rows,
             **self.KERNEL,
         )
 

@@ -244,9 +244,11 @@ def _experts_op(
     w_up_scale_EX: Optional[Tensor] = None,  # noqa: UP045
     w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
     save_gu: bool = False,
+    static_rows: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(y, gu): ``save_gu`` (a call autograd records) and the Triton kernels run: gu is each slot's
-    pre-activations [T*K, X], which spare the backward its up GEMM; else gu is empty [0, X]."""
+    pre-activations [T*K, X], which spare the backward its up GEMM; else gu is empty [0, X].
+    ``static_rows`` is for the backward (``moe_experts``)."""
     args = (
         x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
@@ -287,9 +289,12 @@ def _experts_backward_op(
     weight_on_input: bool,
     w_up_scale_EX: Optional[Tensor] = None,  # noqa: UP045
     w_down_scale_EH: Optional[Tensor] = None,  # noqa: UP045
+    static_rows: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, routing weights, w_up, w_down, b_up, b_down); an absent bias gets [0].
     ``gu_SX``: the forward's saved pre-activations ([T*K, X]), or empty (recompute them).
+    ``static_rows``: run on all T*K slots without a host sync (else only while a CUDA graph is
+    captured; ``backward.experts_backward``).
 
     Grouped GEMMs (``backward.experts_backward``) where ``torch._grouped_mm`` takes the tensors,
     else ``torch.func.vjp`` of the oracle (autograd's own tape is off inside a custom op). int8 /
@@ -302,6 +307,7 @@ def _experts_backward_op(
         grad_y_TH, x_TH, topk_ids_TK, topk_weights_TK, w_up_EXH, w_down_EHF, b_up_EX, b_down_EH,
         first_expert_id, activation, glu_form, limit, alpha, gate_softcap, up_softcap,
         weight_on_input, gu_SX=gu_SX if gu_SX.numel() else None,
+        static_rows=True if static_rows else None,
     )  # fmt: skip
     if grads is None:
         grads = backward.oracle_vjp(
@@ -333,6 +339,7 @@ def _experts_setup(ctx, inputs, output):
     x, ids, w, w_up, w_down, b_up, b_down, *rest = inputs
     options, (s_up, s_down) = rest[:8], (tuple(rest[8:10]) + (None, None))[:2]
     ctx.options = options
+    ctx.static_rows = bool(rest[11]) if len(rest) > 11 else False  # after save_gu
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down, output[1])
 
@@ -341,13 +348,13 @@ def _experts_backward(ctx, grad_y_TH, _grad_gu):
     x, ids, w, w_up, w_down, b_up, b_down, s_up, s_down, gu = ctx.saved_tensors
     dx, dw, dwu, dwd, dbu, dbd = _experts_backward_op(
         grad_y_TH.contiguous(), gu, x, ids, w, w_up, w_down, b_up, b_down, *ctx.options, s_up,
-        s_down,
+        s_down, ctx.static_rows,
     )  # fmt: skip
     dwu = dwu if s_up is None else None  # int8 weights are frozen
     dwd = dwd if s_down is None else None
     dbu = dbu if b_up is not None else None
     dbd = dbd if b_down is not None else None
-    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 11
+    return (dx, None, dw, dwu, dwd, dbu, dbd) + (None,) * 12
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -372,6 +379,7 @@ def moe_experts(
     w_up_scale_EX: Tensor | None = None,
     w_down_scale_EH: Tensor | None = None,
     keep_preactivations: bool = True,
+    static_rows: bool = False,
 ) -> Tensor:
     """y_TH = Σ_k w_tk · expert_{id_tk}(x_t) over the slots of this expert group. Differentiable.
 
@@ -400,6 +408,10 @@ def moe_experts(
         keep_preactivations: when autograd records the call, keep each slot's pre-activations
             ([T*K, X] in x's dtype, written by the up GEMM's epilogue) so the backward skips the
             up GEMM; False recomputes them in the backward (less memory, one GEMM more).
+        static_rows: the backward runs on all T*K slots, this group's first and the others masked
+            out, instead of counting this group's slots (a host sync). Cheaper when nearly every
+            slot is this group's (a layer with one expert group, unsharded); always so while a
+            CUDA graph is captured, where the sync cannot run.
 
     Returns:
         y_TH [T, H] in x's dtype.
@@ -414,4 +426,4 @@ def moe_experts(
         return (moe_experts_triton if use_triton(x_TH) else reference.moe_experts)(*args)
     # a call autograd records keeps the pre-activations (T*K x X in x's dtype) for the backward
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    return _experts_op(*args, train and keep_preactivations)[0]
+    return _experts_op(*args, train and keep_preactivations, static_rows)[0]
