@@ -4,11 +4,12 @@
 
 For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
 bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
-under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients; and the
-memory the forward leaves for the backward.
+under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients; the same
+step captured once in a CUDA graph and replayed (Triton path only: the torch path's backward
+waits for the GPU); and the memory the forward leaves for the backward.
 The Triton path's backward is ``kernels/backward.py``: four grouped GEMMs, from the pre-activations
-the forward kept; ``--recompute-gu`` tells the op not to keep them, so the backward recomputes the
-up GEMM (five grouped GEMMs: the cost of not keeping them).
+the forward kept; ``--recompute-gu`` builds the layer with ``keep_preactivations=False``, so the
+backward recomputes the up GEMM (five grouped GEMMs: the cost of not keeping them).
 """
 
 import argparse
@@ -36,6 +37,27 @@ def step_ms(layer, x, g):
     return do_bench(step, warmup=5, rep=200, return_mode="median")
 
 
+def graph_step_ms(layer, x, g):
+    """The step captured in a CUDA graph (gradients accumulate into the captured .grad tensors:
+    the time is what matters here), replayed."""
+
+    def step():
+        layer(x).backward(g)
+
+    side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graph wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = do_bench(graph.replay, warmup=5, rep=200, return_mode="median")
+    del graph
+    return ms
+
+
 def saved_mb(layer, x):
     """MB the forward leaves allocated for the backward (activations autograd keeps): memory after
     ``layer(x)`` with autograd recording, less memory before it."""
@@ -56,15 +78,17 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--recompute-gu", action="store_true", help="do not keep the pre-activations")
     args = ap.parse_args()
-    print("| shape | T | backend | forward ms | forward + backward ms | kept for the backward MB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| shape | T | backend | forward ms | forward + backward ms | forward + backward, "
+        "CUDA graph ms | kept for the backward MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in args.shapes.split(","):
         pkg = importlib.import_module(name)
         torch.manual_seed(0)
-        layer = pkg.MoELayer(torch.bfloat16, device="cuda")
-        if args.recompute_gu:  # the op's last argument is save_gu
-            ops = importlib.import_module(f"{name}.kernels.ops")
-            ops._experts_op = (lambda op: lambda *a: op(*a[:-1], False))(ops._experts_op)
+        layer = pkg.MoELayer(
+            torch.bfloat16, device="cuda", keep_preactivations=not args.recompute_gu
+        )
         x = torch.randn(args.tokens, pkg.layer.HIDDEN, device="cuda", dtype=torch.bfloat16)
         g = torch.randn_like(x)
         x.requires_grad_()
@@ -73,8 +97,10 @@ def main():
             fwd = forward_ms(layer, x)
             both = step_ms(layer, x, g)
             kept = saved_mb(layer, x)
+            graph = f"{graph_step_ms(layer, x, g):.3f}" if backend == "triton" else "n/a"
             print(
-                f"| {name} | {args.tokens} | {backend} | {fwd:.3f} | {both:.3f} | {kept:.0f} |",
+                f"| {name} | {args.tokens} | {backend} | {fwd:.3f} | {both:.3f} | {graph} "
+                f"| {kept:.0f} |",
                 flush=True,
             )
         del layer, x, g

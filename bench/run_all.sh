@@ -25,7 +25,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     tests) run gpu_tests 240 python3 -m pytest -m gpu tests/gpu --noconftest -q -p no:cacheprovider ;;
     layer) run moe_layer 170 python3 bench/moe_layer.py ;;
-    train) run train_step 90 python3 bench/moe_train_step.py ;;
+    train) run train_step 120 python3 bench/moe_train_step.py ;;
     switches) run kernel_switches 120 python3 bench/kernel_switches.py --switch tail_tiles --rounds 3 ;;
     *) echo "unknown part $part (tests, layer, train, switches)" | tee -a "$out/run_all.log" ;;
   esac
