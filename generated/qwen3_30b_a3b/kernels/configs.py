@@ -78,7 +78,7 @@ def default_config(
     an H100 (bench/moe_kernels.py --sweep, 2026-11-23) over Mixtral, Qwen3-30B-A3B, OLMoE and
     DeepSeek-V3 shapes; within a regime the best candidates were within a few percent of each other.
     Re-checked on an H200 (2026-12-01) against the H200 tuning tables' winners, on all four shapes
-    at a token count inside each regime: the <= 8 and <= 64 rows regimes now use those winners
+    at a token count inside each regime: the <= 8 and 33-64 rows regimes took those winners then
     (1.02x and 1.10x geomean, never slower on any shape), and the compute-bound up GEMM a 4-stage
     ring (2-7% faster than 3 stages on every shape).
 
