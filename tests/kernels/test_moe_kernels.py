@@ -529,6 +529,29 @@ def test_sum_slots_reads_each_token_rows_in_expert_order(monkeypatch, interprete
     assert torch.equal(got[5], torch.zeros(H))
 
 
+@pytest.mark.parametrize("static_rows", [False, True])
+@pytest.mark.parametrize("T, E", [(6, 0), (0, 3)])
+def test_grouped_backward_with_no_rows_gives_zeros(T, E, static_rows):
+    """A shard holding none of a group's experts (E = 0) or a call without tokens gets zero
+    gradients from the grouped backward itself, in both row modes (under CUDA-graph capture the
+    static rows are used), and does not turn the grouped backward off for later calls."""
+    x, ids, w, w_up, w_down, b_up, b_down = make_experts(
+        max(T, 1), 16, 8, 3, 2, torch.float32, bias=True
+    )
+    x, ids, w = x[:T], ids[:T], w[:T]
+    w_up, w_down, b_up, b_down = w_up[:E], w_down[:E], b_up[:E], b_down[:E]
+    kw = dict(first_expert_id=0, activation="silu", glu_form="standard", limit=0.0, alpha=1.702,
+              gate_softcap=1.0, up_softcap=1.0, weight_on_input=False)  # fmt: skip
+    refused = set(backward._REFUSED)
+    got = backward.experts_backward(
+        torch.ones_like(x), x, ids, w, w_up, w_down, b_up, b_down, *kw.values(),
+        static_rows=static_rows,
+    )  # fmt: skip
+    assert got is not None and backward._REFUSED == refused
+    for grad, like in zip(got, (x, w, w_up, w_down, b_up, b_down), strict=True):
+        assert torch.equal(grad, torch.zeros_like(like))
+
+
 def test_grouped_gemm_backward_declines_unaligned_rows():
     """Rows the op cannot take (H * 4 bytes not a multiple of 16) fall back to the oracle: None."""
     x, ids, w, w_up, w_down, _, _ = make_experts(5, 10, 8, 3, 2, torch.float32)

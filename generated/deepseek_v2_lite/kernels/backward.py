@@ -107,7 +107,8 @@ def _backward(
     tok_N = slot_N // K
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     rw_N = topk_weights_TK.reshape(-1)[slot_N].float()
-    if slot_N.numel() == 0 and not static_rows:  # no row reaches this group: all gradients zero
+    # no row reaches this group (static rows: no slot at all, or a shard holding no expert of it)
+    if slot_N.numel() == 0 or E == 0:  # every gradient is zero
         zeros = [torch.zeros_like(t) for t in (x_TH, topk_weights_TK, w_up_EXH, w_down_EHF)]
         return (*zeros, *(None if b is None else torch.zeros_like(b) for b in (b_up_EX, b_down_EH)))
 
