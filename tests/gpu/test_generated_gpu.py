@@ -217,6 +217,35 @@ def test_training_step_replays_in_a_cuda_graph():
     free_memory()
 
 
+def test_training_knobs_give_the_same_gradients():
+    """The backward's variants on a one-group layer agree on the GPU: the default (pre-activations
+    kept, static rows: no host sync), the pre-activations recomputed (``keep_preactivations=False``)
+    and the exact rows (the slots counted, as for several groups)."""
+    pkg = load("qwen3_30b_a3b")
+    free_memory()
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton")
+    (group,) = layer.groups.values()
+    assert group.static_rows and group.keep_preactivations
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(512, pkg.layer.HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    gy = torch.randn_like(x)
+    grads = {}
+    for name, keep, static in (("default", True, True), ("recompute", False, True),
+                               ("exact rows", True, False)):  # fmt: skip
+        group.keep_preactivations, group.static_rows = keep, static
+        for p in params:
+            p.grad = None
+        xb = x.clone().requires_grad_()
+        layer(xb).backward(gy)
+        grads[name] = [xb.grad] + [p.grad for p in params]
+    for name in ("recompute", "exact rows"):
+        for a, b in zip(grads[name], grads["default"], strict=True):
+            assert rel_err(a, b) <= 1e-2, name
+    del layer, grads
+    free_memory()
+
+
 def test_mixed_precision_groups_through_the_kernels():
     """bf16 / int8 / int4 / fp8 expert groups in one layer: the Triton kernels (integer and fp8
     tiles, row scales on the accumulators) against the same layer's torch path (dequantised
