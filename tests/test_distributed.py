@@ -115,6 +115,15 @@ TRITON = {
         "top3_replicas_hierarchical", "quantized_expert_tp2",
     )
 }  # fmt: skip
+# one expert group, every expert on both ep ranks (replicas): the shards still count their slots in
+# the backward, since the units they receive carry their peers' slots too
+TRITON["one_group_replicated_triton"] = (
+    "parallel: {dp: 4, ep: 2}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+    "placement: {strategy: replicate, redundant: 4}\n"
+)
+BASES["one_group_replicated_triton"] = BASE.replace(
+    "  - {name: b, count: 3, ffn: 12, activation: gelu}\n", ""
+)
 CONFIGS |= TRITON
 TOP_K = {"top3_replicas_hierarchical": 3, "top3_ep2_chunks2_weight_on_input": 3}
 CHUNKS = {
@@ -145,6 +154,12 @@ def _check(pkg, rank: int, name: str) -> None:
         full.router.weight[0] *= 4.0
     sharded = pkg.MoELayer()
     assert sharded.dispatcher is not None
+    # a shard's backward counts its slots: units carry its peers' slots too (even when replicas
+    # give it every expert); the one-process layer of a single group runs on static rows
+    assert not any(g.static_rows for g in sharded.groups.values())
+    if name == "one_group_replicated_triton":  # the case that rule is for
+        assert all(g.holds_all for g in sharded.groups.values()), name
+    assert all(g.static_rows == (len(full.groups) == 1) for g in full.groups.values())
     sharded.load_unsharded_state_dict(full.state_dict())
     if name in TRITON:  # the shards run the kernels, the single-process layer plain torch
         assert os.environ.get("TRITON_INTERPRET") == "1", "the CPU run interprets the kernels"

@@ -65,9 +65,13 @@ class MoELayer(nn.Module):
         )
         for group in self.groups.values():
             group.keep_preactivations = keep_preactivations
-            # one group holding every expert: nearly every slot is its own, so its backward skips
-            # counting them (a host sync; 4-7% of a training step on an H200, bench/RESULTS.md)
-            group.static_rows = len(self.groups) == 1 and group.holds_all
+            # One group holding every expert, unsharded: nearly every slot is its own, so its
+            # backward skips counting them (a host sync; 4-7% of a training step on an H200,
+            # bench/RESULTS.md). Not on a shard: one holding every expert through replicas gets
+            # units whose other slots are its peers'.
+            group.static_rows = (
+                self.dispatcher is None and len(self.groups) == 1 and group.holds_all
+            )
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):
