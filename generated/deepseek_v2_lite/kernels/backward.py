@@ -145,7 +145,7 @@ def _backward(
 
     # dx: a fixed-order sum over the K slots of each token (deterministic, unlike an index_add_ of
     # the rows into dx: float atomics on CUDA)
-    dx_TH = sum_slots(d_xs_NH, slot_N, topk_ids_TK, E, first, valid_N)
+    dx_TH = sum_slots(d_xs_NH, slot_N, T, K, valid_N)
     d_rw_S = torch.zeros(T * K, dtype=torch.float32, device=x_TH.device)
     d_rw_S[slot_N] = d_rw_N if valid_N is None else torch.where(valid_N, d_rw_N, 0.0)
     # the bias sums: masked rows (static_rows) go to an extra expert E, dropped at the end

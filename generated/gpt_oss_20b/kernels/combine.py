@@ -5,8 +5,9 @@
 """Sum each token's slot outputs: y[t] = Σ_k o[t*K + k] over the slots of one expert group.
 
 The down GEMM (``grouped_gemm.down_proj``) writes a [N, H] buffer in slot order (every slot written at most
-once); ``combine`` sums each token's K rows in a fixed order. The backward's dx uses it too, on
-rows in expert order, through each slot's row index. This is deterministic (atomics
+once); ``combine`` sums each token's K rows in a fixed order (``sum_rows_of_slots``, the same
+kernel, sums rows in any order through each slot's row index: the backward's dx). This is
+deterministic (atomics
 into y would make the float sum order vary run to run) and costs one extra pass over N*H elements
 at full bandwidth: on an H100, 1-2% of the layer for Mixtral / DeepSeek-V3 shapes and 6-8% for
 fine-grained experts at large T (Qwen3-30B-A3B, T=16384: 0.20 of 2.6 ms).
@@ -24,8 +25,7 @@ from .configs import cdiv, next_power_of_2
 @triton.jit
 def _combine_kernel(
     o_ptr,  # [N, H] per-slot outputs (slot order), or [R, H] rows in any order (ROW_OF_SLOT)
-    ids_ptr,  # [N] int32 global expert ids
-    row_ptr,  # [N] int32 row of o holding each slot, -1 = none (if ROW_OF_SLOT)
+    table_ptr,  # [N] int32: each slot's global expert id, or (ROW_OF_SLOT) its row of o, -1 = none
     y_ptr,  # [T, H] out
     first_expert,
     E: tl.constexpr,
@@ -39,11 +39,11 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for k in tl.static_range(TOPK):
         if ROW_OF_SLOT:
-            row = tl.load(row_ptr + t * TOPK + k).to(tl.int64)
+            row = tl.load(table_ptr + t * TOPK + k).to(tl.int64)
             mine = row >= 0
         else:
             row = t * TOPK + k
-            e = tl.load(ids_ptr + row)
+            e = tl.load(table_ptr + row)
             mine = (e >= first_expert) & (e < first_expert + E)  # also false for dropped (-1) slots
         mask = (offs < H) & (tl.zeros([BLOCK_H], tl.int32) + mine.to(tl.int32) != 0)
         acc += tl.load(o_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
@@ -51,26 +51,30 @@ def _combine_kernel(
 
 
 def combine(
-    o_NH: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    num_experts: int,
-    first_expert_id: int = 0,
-    row_of_slot_S: torch.Tensor | None = None,
+    o_NH: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, first_expert_id: int = 0
 ) -> torch.Tensor:
-    """y_TH = Σ_k o[t*K + k] over the slots whose id is in [first, first+E) (fixed order).
-
-    With ``row_of_slot_S`` (int32 [T*K]: the row of ``o_NH`` holding slot s, -1 for none) the rows
-    may come in any order, e.g. expert-sorted: y_TH = Σ_k o[row_of_slot[t*K + k]], read in place
-    instead of first being copied into slot order (the backward's dx)."""
+    """y_TH = Σ_k o[t*K + k] over the slots whose id is in [first, first+E) (fixed order)."""
     T, K = topk_ids_TK.shape
-    H = o_NH.shape[1]
-    y = torch.empty(T, H, dtype=o_NH.dtype, device=o_NH.device)
+    return _launch(o_NH, topk_ids_TK, T, K, num_experts, first_expert_id, row_of_slot=False)
+
+
+def sum_rows_of_slots(o_RH: torch.Tensor, row_of_slot_TK: torch.Tensor) -> torch.Tensor:
+    """y_TH = Σ_k o[row_of_slot[t, k]] (fixed order; row -1: none): the rows may come in any
+    order, e.g. expert-sorted, and are read in place instead of first being copied into slot order
+    (the backward's dx). ``row_of_slot_TK``: int32, row-major."""
+    T, K = row_of_slot_TK.shape
+    return _launch(o_RH, row_of_slot_TK, T, K, 0, 0, row_of_slot=True)
+
+
+def _launch(o, table, T: int, K: int, E: int, first: int, row_of_slot: bool) -> torch.Tensor:
+    """Run the kernel over ``table`` (expert ids, or the row of each slot) -> y [T, H]."""
+    H = o.shape[1]
+    y = torch.empty(T, H, dtype=o.dtype, device=o.device)
     if T == 0:
         return y
     BLOCK_H = min(1024, next_power_of_2(H))
-    gather = row_of_slot_S is not None
     _combine_kernel[(T, cdiv(H, BLOCK_H))](
-        o_NH, topk_ids_TK, row_of_slot_S if gather else topk_ids_TK, y, first_expert_id,
-        E=num_experts, H=H, TOPK=K, ROW_OF_SLOT=gather, BLOCK_H=BLOCK_H, num_warps=4,
+        o, table, y, first, E=E, H=H, TOPK=K, ROW_OF_SLOT=row_of_slot, BLOCK_H=BLOCK_H,
+        num_warps=4,
     )  # fmt: skip
     return y

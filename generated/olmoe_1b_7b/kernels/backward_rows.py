@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .combine import combine
+from .combine import sum_rows_of_slots
 from .configs import cdiv, next_power_of_2, use_triton
 from .epilogue import glu, glu_vjp
 
@@ -225,16 +225,15 @@ def dot_and_scale(a_NH, a_bias_EH, e_N, b_RH, idx_N, rw_N, scale_a: bool):
     return dot, out
 
 
-def sum_slots(d_NH, slot_N, topk_ids_TK, num_experts, first_expert_id, valid_N=None) -> Tensor:
+def sum_slots(d_NH, slot_N, T: int, K: int, valid_N=None) -> Tensor:
     """dx_TH: row n of d added to token slot_N[n] // K, each token's rows summed in slot order
     (float32 sum, deterministic; a token with no row here gets zeros). Rows where ``valid_N`` is
     False are left out (their values may be garbage)."""
-    T, K = topk_ids_TK.shape
-    arange_N = torch.arange(len(slot_N), dtype=torch.int32, device=d_NH.device)
     if use_triton(d_NH):  # each token's rows read in place, through the row of each slot
+        row_N = torch.arange(len(slot_N), dtype=torch.int32, device=d_NH.device)
         row_S = torch.full((T * K,), -1, dtype=torch.int32, device=d_NH.device)
-        row_S[slot_N] = arange_N if valid_N is None else torch.where(valid_N, arange_N, -1)
-        return combine(d_NH.contiguous(), topk_ids_TK, num_experts, first_expert_id, row_S)
+        row_S[slot_N] = row_N if valid_N is None else torch.where(valid_N, row_N, -1)
+        return sum_rows_of_slots(d_NH.contiguous(), row_S.view(T, K))
     d_SH = torch.zeros(T * K, d_NH.shape[1], dtype=d_NH.dtype, device=d_NH.device)
     if valid_N is not None:
         d_NH = torch.where(valid_N[:, None], d_NH, 0.0)
