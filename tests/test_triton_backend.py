@@ -201,27 +201,34 @@ def test_torch_compile_fullgraph(name):
             torch.testing.assert_close(grads_c[n], p.grad, msg=n)
 
 
+def _grads(layer, x, forward=None) -> list:
+    """[x's gradient, each parameter's] of a fixed loss of ``forward(x)`` (default: the layer)."""
+    layer.zero_grad()
+    xb = x.clone().requires_grad_()
+    y = (forward or layer)(xb)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [xb.grad] + [p.grad for _, p in layer.named_parameters()]
+
+
+def _assert_same_grads(got: list, want: list) -> None:
+    for a, b in zip(got, want, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_activation_checkpointing_matches_plain_backward(layer):
     """Under ``torch.utils.checkpoint`` (the memory knob for training: the experts op keeps its
     pre-activations only while the layer's forward is re-run for the backward) the Triton layer's
     gradients equal those of a plain backward."""
     layer.backend = "triton"
     x = torch.randn(7, layer.router.weight.shape[1])
-    grads = []
-    for checkpointed in (False, True):
-        layer.zero_grad()
-        xb = x.clone().requires_grad_()
-        if checkpointed:
-            y = torch.utils.checkpoint.checkpoint(layer, xb, use_reentrant=False)
-        else:
-            y = layer(xb)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        grads.append([xb.grad] + [p.grad for _, p in layer.named_parameters()])
-    for plain, ckpt in zip(*grads, strict=True):
-        if plain is None or ckpt is None:
-            assert plain is None and ckpt is None
-        else:
-            torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-6)
+    plain = _grads(layer, x)
+    ckpt = _grads(
+        layer, x, lambda xb: torch.utils.checkpoint.checkpoint(layer, xb, use_reentrant=False)
+    )
+    _assert_same_grads(ckpt, plain)
 
 
 def test_keep_preactivations_off_saves_less_and_gives_the_same_gradients(layer):
@@ -233,8 +240,6 @@ def test_keep_preactivations_off_saves_less_and_gives_the_same_gradients(layer):
     for keep in (True, False):
         for group in layer.groups.values():
             group.keep_preactivations = keep
-        layer.zero_grad()
-        xb = x.clone().requires_grad_()
         sizes = []
 
         def pack(t, sizes=sizes):
@@ -242,17 +247,11 @@ def test_keep_preactivations_off_saves_less_and_gives_the_same_gradients(layer):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer(xb)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        grads.append([xb.grad] + [p.grad for _, p in layer.named_parameters()])
+            grads.append(_grads(layer, x))
         saved.append(sum(sizes))
     for group in layer.groups.values():
         group.keep_preactivations = True
-    for kept, recomputed in zip(*grads, strict=True):
-        if kept is None or recomputed is None:
-            assert kept is None and recomputed is None
-        else:
-            torch.testing.assert_close(recomputed, kept, atol=1e-6, rtol=1e-6)
+    _assert_same_grads(grads[1], grads[0])
     assert saved[1] < saved[0]
     built = type(layer)(torch.float32, keep_preactivations=False)  # the constructor's switch
     assert not any(g.keep_preactivations for g in built.groups.values())
