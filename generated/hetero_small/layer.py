@@ -55,8 +55,9 @@ class MoELayer(nn.Module):
         )
         for group in self.groups.values():
             group.keep_preactivations = keep_preactivations
-            # one group holding every expert: nearly every slot is its own, so its backward skips
-            # counting them (a host sync; 4-7% of a training step on an H200, bench/RESULTS.md)
+            # One group holding every expert: nearly every slot is its own, so its
+            # backward skips counting them (a host sync; 4-7% of a training step on an H200,
+            # bench/RESULTS.md).
             group.static_rows = len(self.groups) == 1 and group.holds_all
         self.shared = SharedExpert(HIDDEN, dtype, device)
         self.shared_gate = nn.Linear(HIDDEN, 1, bias=False, dtype=dtype, device=device)
