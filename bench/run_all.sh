@@ -23,7 +23,7 @@ run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, one status line to
 
 for part in "${parts[@]}"; do
   case "$part" in
-    tests) run gpu_tests 240 python3 -m pytest -m gpu tests/gpu --noconftest -q -p no:cacheprovider ;;
+    tests) run gpu_tests 330 python3 -m pytest -m gpu tests/gpu --noconftest -q -p no:cacheprovider ;;
     layer) run moe_layer 170 python3 bench/moe_layer.py ;;
     train) run train_step 120 python3 bench/moe_train_step.py ;;
     switches) run kernel_switches 120 python3 bench/kernel_switches.py --switch tail_tiles --rounds 3 ;;
