@@ -6,12 +6,15 @@ Every spec here is built once; each test runs the same layer with ``backend="tri
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/conftest.py
 
 import pytest  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -339,3 +342,54 @@ def test_quantized_groups_run_the_kernels_with_scales(monkeypatch):
     stored = {(torch.int8, True), (torch.uint8, True), (torch.float8_e4m3fn, True)}
     assert set(seen) == stored | {(torch.float32, False)}, seen
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_expert_choice_gives_the_kernels_compact_slots(monkeypatch):
+    """Expert choice routes with [T, E] slots, mostly -1; the kernels get each token's chosen slots
+    only, [T, K'] with K' the most experts any token has, so their per-slot buffers are T·K' rows
+    rather than T·E. The output and gradients equal the torch backend's (checked on this spec
+    above, through the compacted slots)."""
+    pkg = build_package(SPECS["expert_choice_zero_latent"])
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(backend="triton")
+    k = pkg.backend.kernels()
+    widths, real = [], k.moe_experts
+    monkeypatch.setattr(
+        k,
+        "moe_experts",
+        lambda x, ids, *a, **kw: widths.append(ids.shape[1]) or real(x, ids, *a, **kw),
+    )
+    x = torch.randn(24, layer.router.weight.shape[1])
+    ids_TE, _, _ = layer.route(x)
+    layer(x)
+    chosen = int((ids_TE >= 0).sum(dim=1).max())
+    assert ids_TE.shape[1] == 6 and widths == [chosen] and chosen < 6
+
+
+@functools.cache
+def _dispatch_module():
+    return build_package(SPECS["expert_choice_zero_latent"]).dispatch
+
+
+@given(st.integers(1, 9), st.integers(1, 7), st.integers(0, 4), st.integers(1, 5), st.randoms())
+def test_compact_slots_keeps_each_tokens_group_slots_in_order(T, K, first, count, rnd):
+    """``compact_slots``: every row keeps exactly its slots of experts [first, first + count), in
+    column order with their weights, then -1 / 0; K' is the most any row keeps (at least 1), and
+    the slots are returned as they are when that is all K. The weights' gradient goes back to the
+    slots it came from."""
+    ids = torch.tensor([[rnd.randint(-1, 9) for _ in range(K)] for _ in range(T)])
+    w = torch.rand(T, K, requires_grad=True)
+    got_ids, got_w = _dispatch_module().compact_slots(ids, w, first, count)
+    keep = (ids >= first) & (ids < first + count)
+    kept = max(1, int(keep.sum(1).max()))
+    if kept == K:
+        assert got_ids is ids and got_w is w
+        return
+    assert got_ids.shape == (T, kept)
+    for t in range(T):
+        n = int(keep[t].sum())
+        assert got_ids[t, :n].tolist() == ids[t][keep[t]].tolist()
+        assert got_w[t, :n].tolist() == w[t][keep[t]].tolist()
+        assert (got_ids[t, n:] == -1).all() and (got_w[t, n:] == 0).all()
+    got_w.sum().backward()
+    assert torch.equal(w.grad, keep.float())
