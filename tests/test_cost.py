@@ -262,6 +262,17 @@ def test_linear_stage_and_shared_overlap():
     assert moe_layer_us(stages, 2, shared_us=80.0) == pipeline_us(stages, 2) + 25.0
 
 
+def test_dispatch_first_pipelines_only_experts_and_combine():
+    """The hierarchical all-to-all dispatches every chunk first (55 µs each in 2 chunks), then
+    pipelines experts → combine: 55 + 55 + (100 + 55) + 100; sharing the first chunk's dispatch
+    with the shared expert as before. In one chunk it is the plain serial sum."""
+    stages = [(10.0, 90.0), (0.0, 200.0), (10.0, 90.0)]
+    assert moe_layer_us(stages, 1, dispatch_overlaps=False) == moe_layer_us(stages, 1) == 400.0
+    assert moe_layer_us(stages, 2, dispatch_overlaps=False) == 55 + 55 + 155 + 100
+    assert moe_layer_us(stages, 2, 80.0, dispatch_overlaps=False) == 80 + 55 + 155 + 100
+    assert moe_layer_us(stages, 2, dispatch_overlaps=False) > moe_layer_us(stages, 2)
+
+
 def _plan(links: str, comm: str = "{}", extra: str = ""):
     """A 4-rank all-to-all layer whose experts take ~67 µs per forward on an h100."""
     text = f"""name: chunked
@@ -304,8 +315,11 @@ def test_explicit_chunks_are_honoured():
     assert _plan("{latency_us: 1, gbps: 100000}", "{chunks: 3}").comm.chunks == 3
     assert _plan("{latency_us: 5, gbps: 100}", "{chunks: 1}").comm.chunks == 1
     hierarchical = _plan("{latency_us: 5, gbps: 100}", "{dispatch: hierarchical, chunks: 3}")
-    assert hierarchical.comm.chunks == 1  # only the flat all-to-all pipelines
-    assert any("comm.chunks: 3 not used" in note for note in hierarchical.notes)
+    assert hierarchical.comm.chunks == 3
+    assert any("experts → combine (dispatch first) pipelined in 3" in n for n in hierarchical.notes)
+    gathered = _plan("{latency_us: 5, gbps: 100}", "{dispatch: all_gather, chunks: 3}")
+    assert gathered.comm.chunks == 1  # the all-gather runs in one chunk
+    assert any("comm.chunks: 3 not used" in note for note in gathered.notes)
 
 
 def test_shared_expert_overlaps_the_dispatch_in_the_prediction():

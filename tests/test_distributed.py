@@ -1,6 +1,6 @@
 """The generated layer sharded over 4 gloo processes equals the single-process layer, forward and
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
-expert tensor parallelism, skewed routing with experts that receive no tokens, the flat all-to-all
+expert tensor parallelism, skewed routing with experts that receive no tokens, the all-to-alls
 pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch (all
 three kinds); flat and hierarchical dispatch also through the Triton kernels (interpreted), where a
 rank may hold none of a group's experts.
@@ -104,6 +104,19 @@ CONFIGS = {
         "parallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
         "comm: {dispatch: hierarchical}\n"
     ),
+    "chunks3_hierarchical": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "comm: {dispatch: hierarchical, chunks: 3}\n"
+    ),
+    "chunks2_top3_replicas_hierarchical": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "placement: {strategy: replicate, redundant: 2}\n"
+        "comm: {dispatch: hierarchical, chunks: 2}\n"
+    ),
+    "chunks2_expert_tp2_hierarchical": (
+        "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "comm: {dispatch: hierarchical, chunks: 2}\n"
+    ),
 }
 # the sharded layer through the Triton kernels (under TRITON_INTERPRET=1, as the whole CPU test
 # run) against the single-process layer in plain torch: the experts custom op, its kept
@@ -112,7 +125,7 @@ TRITON = {
     f"{name}_triton": CONFIGS[name]
     for name in (
         "ep4_flat", "two_nodes_hierarchical", "replicas", "expert_tp2", "chunks3_weight_on_input",
-        "top3_replicas_hierarchical", "quantized_expert_tp2",
+        "top3_replicas_hierarchical", "quantized_expert_tp2", "chunks3_hierarchical",
     )
 }  # fmt: skip
 # one expert group, every expert on both ep ranks (replicas): the shards still count their slots in
@@ -125,16 +138,23 @@ BASES["one_group_replicated_triton"] = BASE.replace(
     "  - {name: b, count: 3, ffn: 12, activation: gelu}\n", ""
 )
 CONFIGS |= TRITON
-TOP_K = {"top3_replicas_hierarchical": 3, "top3_ep2_chunks2_weight_on_input": 3}
+TOP_K = {
+    "top3_replicas_hierarchical": 3,
+    "top3_ep2_chunks2_weight_on_input": 3,
+    "chunks2_top3_replicas_hierarchical": 3,
+}
 CHUNKS = {
     "chunks2_replicas": 2,
     "chunks3_weight_on_input": 3,
     "chunks2_expert_tp2": 2,
     "top3_ep2_chunks2_weight_on_input": 2,
+    "chunks3_hierarchical": 3,
+    "chunks2_top3_replicas_hierarchical": 2,
+    "chunks2_expert_tp2_hierarchical": 2,
 }
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
-TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2)}
+TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2), "chunks3_hierarchical": (1, 2, 2, 2)}
 for _name in TRITON:  # the Triton runs of a config keep its experts, top-k, chunks and tokens
     for _table in (BASES, TOP_K, CHUNKS, TOKENS):
         if _name.removesuffix("_triton") in _table:
@@ -218,11 +238,18 @@ def _check(pkg, rank: int, name: str) -> None:
 
 @contextlib.contextmanager
 def _schedule_log(layer):
-    """Log the all-to-alls ("wait" or "async"), all-gathers ("gather wait" or "gather async") and
-    shared expert calls made inside, in order."""
+    """Log the all-to-alls ("wait" or "async"), all-gathers ("gather wait" or "gather async"),
+    shared expert calls and local expert calls on a chunk's rows ("experts") made inside, in order.
+    """
     log = []
     real_all_to_all, real_all_gather = dist.all_to_all_single, dist.all_gather
     real_shared = layer._shared_expert
+    comm = sys.modules[type(layer.dispatcher).__module__]
+    real_run_experts = comm._run_experts
+
+    def run_experts(*args):
+        log.append("experts")
+        return real_run_experts(*args)
 
     def all_to_all(*args, **kwargs):
         log.append("async" if kwargs.get("async_op") else "wait")
@@ -238,11 +265,13 @@ def _schedule_log(layer):
 
     dist.all_to_all_single, dist.all_gather = all_to_all, all_gather
     layer._shared_expert = shared
+    comm._run_experts = run_experts
     try:
         yield log
     finally:
         dist.all_to_all_single, dist.all_gather = real_all_to_all, real_all_gather
         del layer._shared_expert
+        comm._run_experts = real_run_experts
 
 
 @contextlib.contextmanager
@@ -283,35 +312,45 @@ def _flat_rows(dispatcher, dispatched) -> torch.Tensor:
 
 
 def _inter_node_rows(dispatcher, dispatched) -> torch.Tensor:
-    """[rows this rank sends across nodes, its (token, other node) pairs, its slots on other nodes].
-    Summed over the ranks, the rows must be the pairs: a token crosses to a node once."""
-    ((ids_TK, (*_, state)),) = dispatched
-    rail = state["hops"][1]  # along the rail: the rail group's members are in node order
-    rows = sum(rail.send) - rail.send[dist.get_rank(rail.group)]
-    token_TK = torch.arange(ids_TK.shape[0]).unsqueeze(1).expand_as(ids_TK)
-    node_TK = dispatcher._holder(ids_TK.clamp(min=0), token_TK) // dispatcher.per_node
-    remote_TK = (ids_TK >= 0) & (node_TK != dispatcher.node)
-    pairs = torch.unique(token_TK[remote_TK] * dispatcher.nodes + node_TK[remote_TK]).numel()
-    return torch.tensor([rows, pairs, int(remote_TK.sum())])
+    """[rows this rank sends across nodes, its (token, other node) pairs, its slots on other nodes],
+    over the dispatches of every chunk. Summed over the ranks, the rows must be the pairs: a token
+    crosses to a node once."""
+    sent = torch.zeros(3, dtype=torch.long)
+    for ids_TK, (*_, state) in dispatched:
+        rail = state["hops"][1]  # along the rail: the rail group's members are in node order
+        rows = sum(rail.send) - rail.send[dist.get_rank(rail.group)]
+        token_TK = torch.arange(ids_TK.shape[0]).unsqueeze(1).expand_as(ids_TK)
+        node_TK = dispatcher._holder(ids_TK.clamp(min=0), token_TK) // dispatcher.per_node
+        remote_TK = (ids_TK >= 0) & (node_TK != dispatcher.node)
+        pairs = torch.unique(token_TK[remote_TK] * dispatcher.nodes + node_TK[remote_TK]).numel()
+        sent += torch.tensor([rows, pairs, int(remote_TK.sum())])
+    return sent
 
 
 def _check_schedule(pkg, log: list[str], name: str) -> None:
     """Flat all-to-all: one counts exchange that waits, then every chunk's units on the wire while
-    the shared expert runs, then each chunk's outputs sent back asynchronously.
-    Hierarchical: three all-to-alls per dispatch hop (split sizes, rows, their weights and codes)
-    and one per combine hop, the shared expert while the inter-node rows are on the wire.
+    the shared expert runs, then each chunk's experts and its outputs sent back asynchronously.
+    Hierarchical: every chunk's dispatch first, three all-to-alls per hop (split sizes, rows, their
+    weights and codes), the rows crossing the nodes in flight (the first chunk's while the shared
+    expert runs); then each chunk's experts, after which every earlier chunk's outputs go one hop
+    further back and this chunk's start, asynchronously; then the hops left.
     All-gather: the shared expert runs while the rows, weights and ids are gathered."""
     assert log.count("shared") == 1, (name, log)
     exchanges = [e for e in log if not e.startswith("gather")]  # expert tp gathers first
+    chunks = pkg.comm.CHUNKS
     if pkg.comm.DISPATCH == "all_to_all":  # a chunk's rows, then their slots; outputs back
-        chunks = pkg.comm.CHUNKS
-        want = ["wait"] + ["async"] * 2 * chunks + ["shared"] + ["async"] * chunks
-        assert exchanges == want, (name, log)
-    elif pkg.comm.DISPATCH == "hierarchical":  # 3 hops: split sizes, rows, slots (one node)
-        assert exchanges[exchanges.index("shared") - 1] == "async", (name, log)
-        assert len(exchanges) == 3 * 3 + 3 + 1, (name, log)  # + the combine's 3 hops back
+        want = ["wait"] + ["async"] * 2 * chunks + ["shared"] + ["experts", "async"] * chunks
+    elif pkg.comm.DISPATCH == "hierarchical":
+        hop_2 = ["wait"] + ["async"] * 2  # the crossing: sizes, then rows and slots in flight
+        want = ["wait"] * 3 + hop_2 + ["shared"] + ["wait"] * 3
+        want += (["wait"] * 3 + hop_2 + ["wait"] * 3) * (chunks - 1)
+        for i in range(chunks):  # after chunk i's experts, chunk j <= i starts hop i - j (of 3)
+            want += ["experts"] + ["async"] * sum(i - j < 3 for j in range(i + 1))
+        want += ["async"] * sum(max(0, 3 - (chunks - j)) for j in range(chunks))
     else:  # the counts gather waits; rows, weights and ids are in flight while the shared runs
-        assert log[-5:] == ["gather wait"] + ["gather async"] * 3 + ["shared"], (name, log)
+        want = exchanges
+        assert log[-6:] == ["gather wait"] + ["gather async"] * 3 + ["shared", "experts"], log
+    assert exchanges == want, (name, log)
 
 
 def _worker(rank: int, world: int, port: int, packages: dict, errors) -> None:

@@ -22,10 +22,11 @@ The exchanges of activations are autograd functions (all-to-all ↔ all-to-all b
 sum of the slices, all-reduce ↔ all-reduce), so gradients flow through them, to the routing weights
 too: they are applied where the experts are.
 
-``Dispatcher.run`` is the layer's schedule, in one chunk: dispatch (the shared expert runs while the
-rows cross the nodes) → experts → combine.
+``Dispatcher.run`` is the layer's schedule: it dispatches the tokens in CHUNKS chunks (the shared
+expert runs while the first crosses the nodes), then pipelines the chunks through experts → combine.
 """
 
+import collections
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +38,7 @@ WORLD, NODES, GPUS_PER_NODE = 16, 2, 8
 DP, TP, EP, PP, EXPERT_TP, EDP = 8, 2, 16, 1, 1, 1
 NUM_EXPERTS = 16
 DISPATCH = "hierarchical"  # all_to_all | hierarchical | all_gather
-CHUNKS = 1  # plan comm.chunks: token chunks of the flat all-to-all pipeline (1: no pipeline)
+CHUNKS = 3  # plan comm.chunks: token chunks of the all-to-all pipeline (1: no pipeline)
 
 # PLACEMENT[layer][ep_rank] = global expert ids held by that ep rank (ids repeat across ranks for
 # replicas), for each MoE layer of the plan (plan.json: placement.layers[i].ranks).
@@ -193,13 +194,6 @@ def _unpad(gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
 
 
-def _exchange(
-    rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
-) -> torch.Tensor:
-    """All-to-all of ``rows`` (any trailing shape) with uneven splits; differentiable."""
-    return _AllToAll.apply(rows, send_counts, recv_counts, group)
-
-
 def _nothing() -> None:
     """The default ``meanwhile``: no work to overlap."""
 
@@ -223,6 +217,12 @@ class Hop(NamedTuple):
     group: object
     parent_U: torch.Tensor
     parents: int
+
+
+def _last(steps, last=None):
+    """What a generator yields last, running it to its end (``last`` if nothing is left)."""
+    remaining = collections.deque(steps, maxlen=1)
+    return remaining.pop() if remaining else last
 
 
 def _group_slots(key_RK: torch.Tensor, kept_RK: torch.Tensor):
@@ -317,13 +317,38 @@ class Dispatcher:
     def run(self, x_TH, topk_ids_TK, topk_weights_TK, experts, meanwhile=None):
         """The routed path of the layer -> (y_TH float32 [T, H], what ``meanwhile()`` returned):
         ``dispatch``, ``experts(x_UH, expert_UK, weight_UK)`` (for each row received, the float32 sum
-        over its slots of the routing weight times that expert's output), ``combine``. One chunk;
-        ``meanwhile`` (the shared expert) runs while the rows cross the nodes."""
-        x_UH, expert_UK, weight_UK, state = self.dispatch(
-            x_TH, topk_ids_TK, topk_weights_TK, meanwhile
-        )
-        out_UH = _run_experts(experts, x_UH, expert_UK, weight_UK)
-        return self.combine(out_UH, state, x_TH.shape[0]), state["meanwhile"]
+        over its slots of the routing weight times that expert's output), ``combine``, in CHUNKS chunks
+        of tokens (chunk c: the tokens t with t·CHUNKS // T == c, as in the flat all-to-all):
+
+            dispatch every chunk, one after another ─ meanwhile() while the first crosses the nodes
+            for each chunk i: experts(chunk i) ─ start its first hop back ─ take each earlier chunk's
+                              outputs one hop further
+            finish the hops back
+
+        so a chunk's outputs travel back while later chunks compute. The dispatches all come first:
+        each hop's split sizes are read from the rows the previous hop delivered (a host wait), and
+        with experts queued before it that wait would wait for them too.
+        """
+        T = x_TH.shape[0]
+        # chunk c: tokens [bounds[c], bounds[c + 1])
+        bounds = [(c * T + CHUNKS - 1) // CHUNKS for c in range(CHUNKS + 1)]
+        parts = [
+            self.dispatch(
+                x_TH[lo:hi],
+                topk_ids_TK[lo:hi],
+                topk_weights_TK[lo:hi],
+                meanwhile if c == 0 else None,
+            )
+            for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        ]
+        flights = []  # [a chunk's combine, hop by hop (see _combine_hops); what it yielded last]
+        for x_UH, expert_UK, weight_UK, state in parts:
+            out_UH = _run_experts(experts, x_UH, expert_UK, weight_UK)
+            flights.append([self._combine_hops(out_UH, state), None])
+            for flight in flights:  # earlier chunks one hop further; this one's first hop back
+                flight[1] = next(flight[0], flight[1])
+        out_TH = torch.cat([_last(hops, last) for hops, last in flights])
+        return out_TH, parts[0][3]["meanwhile"]
 
     def _dispatch_hierarchical(self, x_TH, topk_ids_TK, topk_weights_TK, token_counts, meanwhile):
         """Hierarchical all-to-all: a token crosses to a node once, however many of its slots are there.
@@ -413,11 +438,22 @@ class Dispatcher:
         -> y_TH float32 [T, H]. All-to-alls go back hop by hop, summing (in float32) what returns
         into the rows it was sent from; on the wire in the activations' dtype, so a partial sum is
         rounded at most once per hop."""
+        return _last(self._combine_hops(y_UH, state))
+
+    def _combine_hops(self, y_UH: torch.Tensor, state: dict):
+        """``combine`` one hop at a time (a pipeline advances several chunks' combines in turn):
+        each ``next()`` waits for the hop on the wire, if any, sums what came back, starts the next
+        hop back and yields None; after the last hop it yields y_TH."""
         y_RH = y_UH.float()
         for hop in reversed(state["hops"]):  # back along each exchange, splits swapped
-            y_UH = _exchange(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
+            works = []
+            y_UH = _AllToAll.apply(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group, works)
+            yield None
+            for work in works:
+                work.wait()
+            y_UH = y_UH.float()
             y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
-        return self._scatter_etp(y_RH, state["token_counts"])
+        yield self._scatter_etp(y_RH, state["token_counts"])
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):
         """Expert tensor parallelism: every member of the group computes its slice for all its tokens."""

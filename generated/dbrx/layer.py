@@ -135,7 +135,7 @@ class MoELayer(nn.Module):
 
     def _routed_distributed(self, x_TH, topk_ids_TK, topk_weights_TK, meanwhile=None):
         """Send each token once to each rank holding any of its experts, run the local experts, send
-        their weighted sums back (``comm.Dispatcher.run``: the hierarchical all-to-all);
+        their weighted sums back (``comm.Dispatcher.run``: the hierarchical all-to-all in comm.CHUNKS chunks);
         ``meanwhile()`` runs while routed rows are on the wire across the nodes.
 
         Returns (the float32 routed sum for this rank's T tokens, what ``meanwhile()`` returned).

@@ -24,6 +24,7 @@ too: they are applied where the experts are.
 pipelines the tokens in CHUNKS chunks through dispatch → experts → combine.
 """
 
+import collections
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,7 @@ WORLD, NODES, GPUS_PER_NODE = 8, 1, 8
 DP, TP, EP, PP, EXPERT_TP, EDP = 8, 1, 8, 1, 1, 1
 NUM_EXPERTS = 128
 DISPATCH = "all_to_all"  # all_to_all | hierarchical | all_gather
-CHUNKS = 1  # plan comm.chunks: token chunks of the flat all-to-all pipeline (1: no pipeline)
+CHUNKS = 1  # plan comm.chunks: token chunks of the all-to-all pipeline (1: no pipeline)
 
 # PLACEMENT[layer][ep_rank] = global expert ids held by that ep rank (ids repeat across ranks for
 # replicas), for each MoE layer of the plan (plan.json: placement.layers[i].ranks).
@@ -191,13 +192,6 @@ def _unpad(gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
 
 
-def _exchange(
-    rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
-) -> torch.Tensor:
-    """All-to-all of ``rows`` (any trailing shape) with uneven splits; differentiable."""
-    return _AllToAll.apply(rows, send_counts, recv_counts, group)
-
-
 def _start_exchange(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group):
     """Start a differentiable all-to-all -> (out, work); read ``out`` only after ``work.wait()``.
     On NCCL the wait makes the current stream wait; on gloo it blocks until the rows are in."""
@@ -229,6 +223,12 @@ class Hop(NamedTuple):
     group: object
     parent_U: torch.Tensor
     parents: int
+
+
+def _last(steps, last=None):
+    """What a generator yields last, running it to its end (``last`` if nothing is left)."""
+    remaining = collections.deque(steps, maxlen=1)
+    return remaining.pop() if remaining else last
 
 
 def _group_slots(key_RK: torch.Tensor, kept_RK: torch.Tensor):
@@ -423,11 +423,22 @@ class Dispatcher:
         -> y_TH float32 [T, H]. All-to-alls go back hop by hop, summing (in float32) what returns
         into the rows it was sent from; on the wire in the activations' dtype, so a partial sum is
         rounded at most once per hop."""
+        return _last(self._combine_hops(y_UH, state))
+
+    def _combine_hops(self, y_UH: torch.Tensor, state: dict):
+        """``combine`` one hop at a time (a pipeline advances several chunks' combines in turn):
+        each ``next()`` waits for the hop on the wire, if any, sums what came back, starts the next
+        hop back and yields None; after the last hop it yields y_TH."""
         y_RH = y_UH.float()
         for hop in reversed(state["hops"]):  # back along each exchange, splits swapped
-            y_UH = _exchange(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group).float()
+            works = []
+            y_UH = _AllToAll.apply(y_RH.to(state["dtype"]), hop.recv, hop.send, hop.group, works)
+            yield None
+            for work in works:
+                work.wait()
+            y_UH = y_UH.float()
             y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
-        return self._scatter_etp(y_RH, state["token_counts"])
+        yield self._scatter_etp(y_RH, state["token_counts"])
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):
         """Expert tensor parallelism: every member of the group computes its slice for all its tokens."""

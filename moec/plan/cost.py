@@ -361,11 +361,21 @@ def linear_stage(full_us: float, half_us: float) -> tuple[float, float]:
     return fixed, full_us - fixed
 
 
-def moe_layer_us(stages, chunks: int, shared_us: float = 0.0) -> float:
+def moe_layer_us(
+    stages, chunks: int, shared_us: float = 0.0, dispatch_overlaps: bool = True
+) -> float:
     """A MoE layer: :func:`pipeline_us` of (dispatch, experts, combine) over ``chunks`` chunks, with
-    the shared expert computed while the first chunk is dispatched (the experts wait for both)."""
+    the shared expert computed while the first chunk is dispatched (the experts wait for both).
+
+    ``dispatch_overlaps=False`` (the hierarchical all-to-all: each hop's split sizes are read on the
+    host from the rows the previous hop delivered, so the dispatches cannot wait behind experts):
+    the chunks are dispatched one after another first, and only experts → combine are pipelined.
+    """
     fixed, scaled = stages[0]
     first = fixed + scaled / chunks
+    if not dispatch_overlaps:
+        rest = (chunks - 1) * first + pipeline_us(stages[1:], chunks)
+        return shared_overlap_us(first, shared_us) + rest
     return pipeline_us(stages, chunks) - first + shared_overlap_us(first, shared_us)
 
 

@@ -1,5 +1,5 @@
 """The passes that predict one MoE layer's timeline: ``schedule_comm`` (the dispatch method and
-the chunks the flat all-to-all pipelines through dispatch -> experts -> combine) and
+the chunks the all-to-all pipelines through dispatch -> experts -> combine) and
 ``estimate_cost`` (the predicted phases and pipelined total on the busiest rank).
 """
 
@@ -21,7 +21,7 @@ MIN_GAIN = 0.05  # pipelining must save 5% of the layer's predicted time to be c
 
 def schedule_comm(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     """Predict flat, hierarchical and all-gather dispatch for the first MoE layer; pick one, and the
-    chunks the flat all-to-all pipelines through dispatch → experts → combine."""
+    chunks the all-to-all pipelines through dispatch → experts → combine."""
     mesh = plan.mesh
     if mesh.ep == 1:
         return dataclasses.replace(plan, comm=CommPlan("local", 1, spec.comm.wire_dtype, 0, {}))
@@ -38,27 +38,33 @@ def schedule_comm(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
 
 def _chunks(spec: Spec, dispatch: str, stages, shared_us: float) -> tuple[int, list[str]]:
     """The chunk count: the spec's, or (auto) the best of 1..MAX_CHUNKS by the cost model when it
-    saves at least MIN_GAIN; small messages stay whole since every chunk pays the latency again."""
+    saves at least MIN_GAIN; small messages stay whole since every chunk pays the latency again.
+    The all-to-alls pipeline chunks (the hierarchical one its experts → combine only, see
+    ``cost.moe_layer_us``); the all-gather does not."""
     asked = spec.comm.chunks
-    if dispatch != "all_to_all":
+    if dispatch == "all_gather":
         if asked not in ("auto", 1):
-            return 1, [f"comm.chunks: {asked} not used: only the flat all-to-all pipelines chunks"]
+            return 1, [f"comm.chunks: {asked} not used: the all-gather dispatch runs in one chunk"]
         return 1, []
-    one = cost.moe_layer_us(stages, 1, shared_us)
+    overlaps = dispatch != "hierarchical"
+
+    def layer_us(chunks: int) -> float:
+        return cost.moe_layer_us(stages, chunks, shared_us, overlaps)
+
+    one = layer_us(1)
     if asked == "auto":
         chunks, best_us = min(
-            ((c, cost.moe_layer_us(stages, c, shared_us)) for c in range(1, MAX_CHUNKS + 1)),
-            key=lambda pair: pair[1],
+            ((c, layer_us(c)) for c in range(1, MAX_CHUNKS + 1)), key=lambda pair: pair[1]
         )
         chunks = chunks if best_us < (1.0 - MIN_GAIN) * one else 1
     else:
         chunks = asked
     if chunks == 1:
         return 1, []
-    pipelined = cost.moe_layer_us(stages, chunks, shared_us)
+    piped = "dispatch → experts → combine" if overlaps else "experts → combine (dispatch first)"
     return chunks, [
-        f"dispatch → experts → combine pipelined in {chunks} chunks: {pipelined:.1f} µs predicted "
-        f"instead of {one:.1f} µs in one"
+        f"{piped} pipelined in {chunks} chunks: {layer_us(chunks):.1f} µs predicted instead of "
+        f"{one:.1f} µs in one"
     ]
 
 
@@ -149,7 +155,8 @@ def estimate_cost(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
     phases = {"dispatch": comm_us, "experts": experts_us, "combine": comm_us}
     if spec.shared is not None:
         phases["shared (overlaps dispatch)"] = shared_us
-    total = cost.moe_layer_us(stages, plan.comm.chunks, shared_us)
+    overlaps = plan.comm.dispatch != "hierarchical"  # see _chunks
+    total = cost.moe_layer_us(stages, plan.comm.chunks, shared_us, overlaps)
     shapes = expert_shapes(plan)
     share = [g.count / plan.dims.experts for g in plan.groups]
     flops_tok = (

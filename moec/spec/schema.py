@@ -201,7 +201,7 @@ class Placement(Strict):
 
 class Comm(Strict):
     dispatch: Literal["auto", "all_to_all", "hierarchical", "all_gather"] = "auto"
-    # token chunks of the flat all-to-all pipeline; each chunk pays the latency and re-reads weights
+    # token chunks of the all-to-all pipeline; each chunk pays the latency and re-reads weights
     chunks: Literal["auto"] | Annotated[int, Field(gt=0, le=64)] = "auto"
     wire_dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
 
