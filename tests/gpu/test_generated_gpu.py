@@ -61,6 +61,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def graph_replay(layer, x: torch.Tensor, new_x: torch.Tensor) -> torch.Tensor:
+    """The output of ``layer`` captured in a CUDA graph on a copy of x (after a warm-up call
+    outside the capture) and replayed with new_x copied in; no grad."""
+    with torch.no_grad():
+        static_x = x.clone()
+        layer(static_x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+    return static_y
+
+
 def randomize_biases(layer: torch.nn.Module) -> None:
     """Biases start at zero; give them values so that the test covers them."""
     g = torch.Generator(device=DEVICE).manual_seed(1)
@@ -160,14 +174,7 @@ def test_generated_layer_compiles_and_replays_in_a_cuda_graph():
     assert rel_err(layer.groups["routed"].w_down_EHF.grad, grad_e) <= 2e-2
 
     with torch.no_grad():
-        static_x = x.clone()
-        layer(static_x)  # warm up outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        static_x.copy_(x.flip(0))
-        graph.replay()
-        torch.testing.assert_close(static_y, layer(x.flip(0)))
+        torch.testing.assert_close(graph_replay(layer, x, x.flip(0)), layer(x.flip(0)))
     del layer
 
 
@@ -271,4 +278,37 @@ def test_mixed_precision_groups_through_the_kernels():
     }
     print("mixed_precision", {k: f"{v:.1e}" for k, v in errs.items()})
     assert max(errs.values()) <= TOL, errs
+    del layer
+
+
+def test_expert_choice_compacts_its_slots_and_replays_in_a_cuda_graph():
+    """Expert choice ([T, E] slots, mostly -1): eager calls with grad give the kernels each
+    token's slots compacted to K' < E columns (a host sync) and match the torch path; under
+    CUDA-graph capture the slots stay [T, E] (no sync), and the replay matches an eager call on
+    the new input."""
+    pkg = load("expert_choice")
+    free_memory()
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton")
+    x = torch.randn(512, pkg.layer.HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    kernels = pkg.backend.kernels()
+    widths, real = [], kernels.moe_experts
+
+    def spy(x_TH, ids_TK, *args, **kwargs):
+        widths.append(ids_TK.shape[1])
+        return real(x_TH, ids_TK, *args, **kwargs)
+
+    kernels.moe_experts = spy
+    try:
+        y = layer(x)
+        assert len(widths) == 1 and widths[0] < layer.router.weight.shape[0], widths
+        layer.backend = "torch"
+        assert rel_err(y, layer(x)) <= TOL
+        layer.backend = "triton"
+        replayed = graph_replay(layer, x, x.flip(0))
+        assert widths[-1] == layer.router.weight.shape[0], widths  # captured: not compacted
+        with torch.no_grad():
+            assert rel_err(replayed, layer(x.flip(0))) <= TOL
+    finally:
+        kernels.moe_experts = real
     del layer
