@@ -1,11 +1,13 @@
 """A/B of the kernel library's switches: the expert path's time with a switch on and off.
 
-    python bench/kernel_switches.py [--switch tail_tiles] [--shapes ...]
+    python bench/kernel_switches.py [--switch quarter_tails] [--shapes ...]
                                     [--tokens 256,4096,16384] [--rounds 5]
 
 Switches (module constants of ``moe_kernels.grouped_gemm``):
 - ``tail_tiles``: with 128-row tiles, an expert's last block holding at most 64 slots runs as a
   64-row tile (``TAIL_MIN_BLOCK_M``).
+- ``quarter_tails``: with 128-row tiles, one holding at most 32 slots runs as a 32-row tile
+  (``QUARTER_TAIL_MIN_BLOCK_M``; off by default, not yet measured).
 
 A switch measured and settled leaves the kernels (one code path each); ``fused_glu_dot`` (one dot
 over interleaved gate and up columns against two dots sharing A) was one, 2026-12-01.
@@ -36,6 +38,7 @@ SHAPES = {  # (H, F, E, K)
 }
 SWITCHES = {  # name -> (module constant, value when on, value when off)
     "tail_tiles": ("TAIL_MIN_BLOCK_M", grouped_gemm.TAIL_MIN_BLOCK_M, 1 << 30),
+    "quarter_tails": ("QUARTER_TAIL_MIN_BLOCK_M", grouped_gemm.TAIL_MIN_BLOCK_M, 1 << 30),
 }
 
 
@@ -59,7 +62,7 @@ def compare(switch, rounds, x, ids, w, w_up, w_down) -> tuple[float, float, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--switch", choices=sorted(SWITCHES), default="tail_tiles")
+    ap.add_argument("--switch", choices=sorted(SWITCHES), default="quarter_tails")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tokens", default="4096,16384")
     ap.add_argument("--rounds", type=int, default=5)

@@ -15,7 +15,8 @@ convert them to the activations' dtype in registers (``epilogue.weight_tile``) a
 accumulators by each weight row's scale, so the weights stream at their stored size.
 
 Tail tiles: with tiles of ``TAIL_MIN_BLOCK_M`` rows or more, a row block holding at most half a
-block of slots (an expert's last) runs a half-height tile, so its padding rows are not multiplied.
+block of slots (an expert's last) runs a half-height tile, so its padding rows are not multiplied;
+from ``QUARTER_TAIL_MIN_BLOCK_M`` rows, one of at most a quarter block a quarter-height tile.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K slots,
 P padded rows (multiple of BLOCK_M), X = 2F (GLU) or F (plain MLP).
@@ -106,11 +107,24 @@ def _up_kernel(
     # A block holding at most TAIL_M slots (an expert's last) computes TAIL_M rows, not BLOCK_M.
     # The constexpr test comes first, so that without tail tiles no 0-row tile is compiled.
     if TAIL_M > 0:
-        if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= TAIL_M:
+        rows = _block_rows(pid_m, sorted_ptr, N, BLOCK_M)
+        if rows <= TAIL_M:
             _up_tile(
                 x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
                 gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
                 W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, TAIL_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        elif TAIL_M == BLOCK_M // 2:  # (constexpr) no quarter tiles: only the full one is left
+            _up_tile(
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+                gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+                W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        elif rows <= BLOCK_M // 2:
+            _up_tile(
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+                gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+                W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M // 2, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         else:
             _up_tile(
@@ -225,10 +239,21 @@ def _down_kernel(
     if e < 0:
         return
     if TAIL_M > 0:  # as in _up_kernel
-        if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= TAIL_M:
+        rows = _block_rows(pid_m, sorted_ptr, N, BLOCK_M)
+        if rows <= TAIL_M:
             _down_tile(
                 h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
                 H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        elif TAIL_M == BLOCK_M // 2:
+            _down_tile(
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
+                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        elif rows <= BLOCK_M // 2:
+            _down_tile(
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
+                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M // 2, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         else:
             _down_tile(
@@ -297,9 +322,19 @@ _FITTED: dict[tuple, GemmConfig] = {}
 TAIL_MIN_BLOCK_M = 128
 
 
+# With tail tiles, blocks of at least this many rows also run a quarter-height tile for a last
+# block of at most a quarter block of slots (at ~256 ± 16 slots per expert, Qwen3-30B-A3B at
+# T=4096, about half the experts end in a block of <= 32 slots). Off until measured on a GPU:
+# bench/kernel_switches.py --switch quarter_tails.
+QUARTER_TAIL_MIN_BLOCK_M = 1 << 30
+
+
 def _tail_m(block_m: int) -> int:
-    """TAIL_M of the kernels: the rows of the tile for a block's last few slots, 0 = no such tile."""
-    return block_m // 2 if block_m >= TAIL_MIN_BLOCK_M else 0
+    """TAIL_M of the kernels: the rows of the smallest tile for a block's last few slots (half a
+    block, or a quarter), 0 = no such tile."""
+    if block_m < TAIL_MIN_BLOCK_M:
+        return 0
+    return block_m // 4 if block_m >= QUARTER_TAIL_MIN_BLOCK_M else block_m // 2
 
 
 def _launch(kernel, grid: tuple, config: GemmConfig, key: tuple, *args, **constexprs) -> None:
