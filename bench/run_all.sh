@@ -26,7 +26,7 @@ for part in "${parts[@]}"; do
     tests) run gpu_tests 330 python3 -m pytest -m gpu tests/gpu --noconftest -q -p no:cacheprovider ;;
     layer) run moe_layer 170 python3 bench/moe_layer.py ;;
     train) run train_step 120 python3 bench/moe_train_step.py ;;
-    switches) run kernel_switches 120 python3 bench/kernel_switches.py --switch quarter_tails --rounds 3 ;;
+    switches) run kernel_switches 180 python3 bench/kernel_switches.py --switch quarter_tails --rounds 3 ;;
     regimes) run tile_regimes 240 python3 bench/tile_regimes.py ;;  # not in the default four
     spread) run routing_spread 150 python3 bench/routing_spread.py ;;  # not in the default four
     *) echo "unknown part $part (tests, layer, train, switches, regimes, spread)" | tee -a "$out/run_all.log" ;;
