@@ -273,6 +273,25 @@ def test_dispatch_first_pipelines_only_experts_and_combine():
     assert moe_layer_us(stages, 2, dispatch_overlaps=False) > moe_layer_us(stages, 2)
 
 
+_STAGE = st.tuples(st.floats(0.0, 500.0), st.floats(0.0, 5000.0))
+
+
+@given(st.tuples(_STAGE, _STAGE, _STAGE), st.integers(1, 8), st.floats(0.0, 3000.0))
+def test_dispatch_first_is_bounded_by_the_overlapped_and_the_serial_schedules(stages, chunks, sh):
+    """Dispatching every chunk first never beats overlapping the dispatch too, and never loses to
+    running the chunks' stages one after another (dispatch first, then experts → combine serially);
+    in one chunk all three are the same."""
+    first = stages[0][0] + stages[0][1] / chunks  # one chunk's dispatch
+    serial = (
+        max(first, sh) + (chunks - 1) * first + sum(f + s / chunks for f, s in stages[1:]) * chunks
+    )
+    first_us = moe_layer_us(stages, chunks, sh, dispatch_overlaps=False)
+    assert moe_layer_us(stages, chunks, sh) <= first_us * (1 + 1e-9) + 1e-9
+    assert first_us <= serial * (1 + 1e-9) + 1e-9
+    if chunks == 1:
+        assert first_us == pytest.approx(moe_layer_us(stages, 1, sh)) == pytest.approx(serial)
+
+
 def _plan(links: str, comm: str = "{}", extra: str = ""):
     """A 4-rank all-to-all layer whose experts take ~67 µs per forward on an h100."""
     text = f"""name: chunked
