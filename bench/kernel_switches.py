@@ -20,22 +20,11 @@ outputs. Run on a GPU from the repository root; the kernels are imported from th
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
+from expert_problem import SHAPES, grouped_gemm, mk, tokens, weights
 from triton.testing import do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moec/templates/kernels_src"))
-import moe_kernels as mk  # noqa: E402
-from moe_kernels import grouped_gemm  # noqa: E402
-
-SHAPES = {  # (H, F, E, K)
-    "deepseek_v3": (7168, 2048, 256, 8),
-    "qwen3": (2048, 768, 128, 8),
-    "olmoe": (2048, 1024, 64, 8),
-    "mixtral": (4096, 14336, 8, 2),
-}
 SWITCHES = {  # name -> (module constant, value when on, value when off)
     "tail_tiles": ("TAIL_MIN_BLOCK_M", grouped_gemm.TAIL_MIN_BLOCK_M, 1 << 30),
     "quarter_tails": ("QUARTER_TAIL_MIN_BLOCK_M", grouped_gemm.TAIL_MIN_BLOCK_M, 1 << 30),
@@ -73,13 +62,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name in args.shapes.split(","):
         H, F, E, K = SHAPES[name]
-        w_up = torch.empty(E, 2 * F, H, device="cuda", dtype=torch.bfloat16)
-        w_down = torch.empty(E, H, F, device="cuda", dtype=torch.bfloat16)
-        w_up.normal_(0, 0.03, generator=g), w_down.normal_(0, 0.03, generator=g)
+        w_up, w_down = weights(H, F, E, g)
         for T in map(int, args.tokens.split(",")):
-            x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-            w, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
-            w = w / w.sum(-1, keepdim=True)
+            x, ids, w = tokens(T, H, E, K, g)
             off, on, rel = compare(args.switch, args.rounds, x, ids, w, w_up, w_down)
             print(
                 f"| {name} | {T} | {off:.3f} | {on:.3f} | {off / on:.3f}x | {rel:.1e} |", flush=True

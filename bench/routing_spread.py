@@ -14,21 +14,11 @@ bench/RESULTS.md). Run on a GPU from the repository root.
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
+from expert_problem import SHAPES, mk, tokens, weights
 from triton.testing import do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moec/templates/kernels_src"))
-import moe_kernels as mk  # noqa: E402
-
-SHAPES = {  # (H, F, E, K)
-    "deepseek_v3": (7168, 2048, 256, 8),
-    "qwen3": (2048, 768, 128, 8),
-    "olmoe": (2048, 1024, 64, 8),
-    "mixtral": (4096, 14336, 8, 2),
-}
 CASES = "mixtral:4096,qwen3:4096,olmoe:4096,deepseek_v3:4096,deepseek_v3:16384"
 
 
@@ -54,12 +44,8 @@ def main() -> None:
     for case in args.cases.split(","):
         name, T = case.split(":")
         T, (H, F, E, K) = int(T), SHAPES[name]
-        w_up = torch.empty(E, 2 * F, H, device="cuda", dtype=torch.bfloat16)
-        w_down = torch.empty(E, H, F, device="cuda", dtype=torch.bfloat16)
-        w_up.normal_(0, 0.03, generator=g), w_down.normal_(0, 0.03, generator=g)
-        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-        w, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
-        w = w / w.sum(-1, keepdim=True)
+        w_up, w_down = weights(H, F, E, g)
+        x, ids, w = tokens(T, H, E, K, g)
         balanced = (
             torch.arange(T, device="cuda")[:, None] * K + torch.arange(K, device="cuda")
         ) % E

@@ -13,22 +13,11 @@ the kernels are imported from the library's source.
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
+from expert_problem import SHAPES, GemmConfig, MoeConfig, mk, tokens, weights
 from triton.testing import do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moec/templates/kernels_src"))
-import moe_kernels as mk  # noqa: E402
-from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
-
-SHAPES = {  # (H, F, E, K)
-    "mixtral": (4096, 14336, 8, 2),
-    "olmoe": (2048, 1024, 64, 8),
-    "qwen3": (2048, 768, 128, 8),
-    "deepseek_v3": (7168, 2048, 256, 8),
-}
 BLOCKS = {  # the tiles of each block height, as default_config uses them for bf16 weights
     "32-row": MoeConfig(GemmConfig(32, 128, 128, 8, 4, 3), GemmConfig(32, 128, 128, 8, 4, 3)),
     "64-row": MoeConfig(GemmConfig(64, 128, 64, 1, 4, 4), GemmConfig(64, 128, 64, 1, 4, 3)),
@@ -38,11 +27,8 @@ BLOCKS = {  # the tiles of each block height, as default_config uses them for bf
 
 def measure(T, H, F, E, K, rounds, g) -> dict:
     """{config name: median ms}, and "same": whether all outputs equal the default's."""
-    x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
-    w, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
-    w = w / w.sum(-1, keepdim=True)
-    w_up = (torch.randn(E, 2 * F, H, device="cuda", generator=g) / 30).to(torch.bfloat16)
-    w_down = (torch.randn(E, H, F, device="cuda", generator=g) / 30).to(torch.bfloat16)
+    x, ids, w = tokens(T, H, E, K, g)
+    w_up, w_down = weights(H, F, E, g)
     configs = {"default": mk.default_config(T, H, F, E, K)} | BLOCKS
     want = mk.moe_experts_triton(x, ids, w, w_up, w_down, config=configs["default"])
     same = all(

@@ -1,0 +1,38 @@
+"""What the expert-path A/B scripts (``kernel_switches.py``, ``tile_regimes.py``,
+``routing_spread.py``) share: the kernel library imported from its source, the four benchmark
+shapes, and a random problem of one (bf16 weights, bf16 input, top-k of a softmax over random
+logits, renormalised). Run those scripts from the repository root on a GPU."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moec/templates/kernels_src"))
+# the library, not bench/moe_kernels.py: the scripts take it from here
+import moe_kernels as mk  # noqa: E402
+from moe_kernels import grouped_gemm  # noqa: E402
+from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
+
+__all__ = ["SHAPES", "GemmConfig", "MoeConfig", "grouped_gemm", "mk", "tokens", "weights"]
+
+SHAPES = {  # (H, F, E, K)
+    "mixtral": (4096, 14336, 8, 2),
+    "olmoe": (2048, 1024, 64, 8),
+    "qwen3": (2048, 768, 128, 8),
+    "deepseek_v3": (7168, 2048, 256, 8),
+}
+
+
+def weights(H: int, F: int, E: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_up [E, 2F, H], w_down [E, H, F]) in bf16, std 0.03."""
+    w_up = torch.empty(E, 2 * F, H, device="cuda", dtype=torch.bfloat16)
+    w_down = torch.empty(E, H, F, device="cuda", dtype=torch.bfloat16)
+    return w_up.normal_(0, 0.03, generator=g), w_down.normal_(0, 0.03, generator=g)
+
+
+def tokens(T: int, H: int, E: int, K: int, g: torch.Generator):
+    """(x [T, H] bf16, topk_ids [T, K], topk_weights [T, K]): softmax routing, renormalised."""
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    w, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
+    return x, ids, w / w.sum(-1, keepdim=True)
