@@ -5,8 +5,9 @@
 For each package in bench/generated (build them first: ``moec build bench/specs/*.yaml --out-dir
 bench/generated``), bf16, ``backend="triton"`` and ``backend="torch"``: median ms of ``layer(x)``
 under no_grad, and of ``layer(x).backward(g)`` with x and the weights requiring gradients; the same
-step captured once in a CUDA graph and replayed (Triton path only: the torch path's backward
-waits for the GPU); and the memory the forward leaves for the backward.
+step captured once in a CUDA graph and replayed (gradients returned, not accumulated; Triton path
+only: the torch path's backward waits for the GPU); and the memory the forward leaves for the
+backward.
 The Triton path's backward is ``kernels/backward.py``: four grouped GEMMs, from the pre-activations
 the forward kept; ``--recompute-gu`` builds the layer with ``keep_preactivations=False``, so the
 backward recomputes the up GEMM (five grouped GEMMs: the cost of not keeping them).
@@ -38,11 +39,15 @@ def step_ms(layer, x, g):
 
 
 def graph_step_ms(layer, x, g):
-    """The step captured in a CUDA graph (gradients accumulate into the captured .grad tensors:
-    the time is what matters here), replayed."""
+    """The step captured in a CUDA graph, replayed. The gradients are returned
+    (``torch.autograd.grad``), not accumulated into ``.grad``: as in ``step_ms``, whose
+    ``zero_grad(set_to_none=True)`` makes each backward write fresh gradients. (Accumulating adds a
+    read-modify-write of every weight gradient: 2.8 GB for Mixtral-8x7B's experts, ~2 ms on an
+    H200, which is what made this column slower than eager for Mixtral before.)"""
+    params = [p for p in layer.parameters() if p.requires_grad]
 
     def step():
-        layer(x).backward(g)
+        return torch.autograd.grad(layer(x), [x, *params], g)
 
     side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graph wants
     side.wait_stream(torch.cuda.current_stream())

@@ -348,8 +348,9 @@ def test_expert_choice_gives_the_kernels_compact_slots(monkeypatch):
     """Expert choice routes with [T, E] slots, mostly -1; in training the kernels get each token's
     chosen slots only, [T, K'] with K' the most experts any token has, so their per-slot buffers
     and the pre-activations kept for the backward are T·K' rows rather than T·E; without grad the
-    slots go as they are (no host sync). The output and gradients equal the torch backend's
-    (checked on this spec above, through the compacted slots)."""
+    slots go as they are (no host sync), as in a frozen layer whose input needs no gradient. The
+    output and gradients equal the torch backend's (checked on this spec above, through the
+    compacted slots)."""
     pkg = build_package(SPECS["expert_choice_zero_latent"])
     torch.manual_seed(0)
     layer = pkg.MoELayer(backend="triton")
@@ -365,8 +366,11 @@ def test_expert_choice_gives_the_kernels_compact_slots(monkeypatch):
     layer(x)
     with torch.no_grad():
         layer(x)
+    layer.requires_grad_(False)  # frozen, grad enabled: nothing is recorded, no host sync
+    layer(x)
+    layer(x.requires_grad_())  # but the input's gradient needs the backward
     chosen = int((ids_TE >= 0).sum(dim=1).max())
-    assert ids_TE.shape[1] == 6 and widths == [chosen, 6] and chosen < 6
+    assert ids_TE.shape[1] == 6 and widths == [chosen, 6, 6, chosen] and chosen < 6
 
 
 @functools.cache
@@ -378,14 +382,13 @@ def _dispatch_module():
 def test_compact_slots_keeps_each_tokens_group_slots_in_order(T, K, first, count, rnd):
     """``compact_slots``: every row keeps exactly its slots of experts [first, first + count), in
     column order with their weights, then -1 / 0; K' is the most any row keeps (at least 1), and
-    the slots are returned as they are when that is all K, or without grad. The weights' gradient
-    goes back to the slots it came from."""
+    the slots are returned as they are when that is all K, or when nothing is recorded. The
+    weights' gradient goes back to the slots it came from."""
     ids = torch.tensor([[rnd.randint(-1, 9) for _ in range(K)] for _ in range(T)])
     w = torch.rand(T, K, requires_grad=True)
-    with torch.no_grad():  # no autograd: as they are
-        same_ids, same_w = _dispatch_module().compact_slots(ids, w, first, count)
-    assert same_ids is ids and same_w is w
-    got_ids, got_w = _dispatch_module().compact_slots(ids, w, first, count)
+    same_ids, same_w = _dispatch_module().compact_slots(ids, w, first, count, False)
+    assert same_ids is ids and same_w is w  # nothing recorded: as they are
+    got_ids, got_w = _dispatch_module().compact_slots(ids, w, first, count, True)
     keep = (ids >= first) & (ids < first + count)
     kept = max(1, int(keep.sum(1).max()))
     if kept == K:
