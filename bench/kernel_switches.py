@@ -3,48 +3,66 @@
     python bench/kernel_switches.py [--switch quarter_tails] [--shapes ...]
                                     [--tokens 256,4096,16384] [--rounds 5]
 
-Switches (module constants of ``moe_kernels.grouped_gemm``):
-- ``tail_tiles``: with 128-row tiles, an expert's last block holding at most 64 slots runs as a
-  64-row tile (``TAIL_MIN_BLOCK_M``).
-- ``quarter_tails``: with 128-row tiles, one holding at most 32 slots runs as a 32-row tile
-  (``QUARTER_TAIL_MIN_BLOCK_M``; off by default, not yet measured).
+Switches:
+- ``tail_tiles`` (module constant ``grouped_gemm.TAIL_MIN_BLOCK_M``): with 128-row tiles, an
+  expert's last block holding at most 64 slots runs as a 64-row tile.
+- ``quarter_tails`` (config field ``tail_div`` 4 against 2, on the default tiles of each shape and
+  token count): with 128-row tiles, one holding at most 32 slots runs as a 32-row tile.
+  ``default_config`` turns it on for many large experts (measured 2026-12-02).
 
 A switch measured and settled leaves the kernels (one code path each); ``fused_glu_dot`` (one dot
 over interleaved gate and up columns against two dots sharing A) was one, 2026-12-01.
 
-For each shape and token count: median ms of ``moe_experts_triton`` (default tiles, bf16, random
-weights and softmax routing, replayed from a CUDA graph), on and off measured alternately for
-``--rounds`` rounds (so clock and thermal drift hit both), and the relative difference of the two
-outputs. Run on a GPU from the repository root; the kernels are imported from the library's source.
+For each shape and token count: median ms of ``moe_experts_triton`` (bf16, random weights and
+softmax routing, replayed from a CUDA graph), on and off measured alternately for ``--rounds``
+rounds (so clock and thermal drift hit both), and the relative difference of the two outputs. Run
+on a GPU from the repository root; the kernels are imported from the library's source.
 """
 
 import argparse
+import contextlib
 import statistics
+from dataclasses import replace
 
 import torch
-from expert_problem import SHAPES, grouped_gemm, mk, tokens, weights
+from expert_problem import SHAPES, MoeConfig, grouped_gemm, mk, tokens, weights
+from moe_kernels.configs import default_config
 from triton.testing import do_bench_cudagraph
 
-SWITCHES = {  # name -> (module constant, value when on, value when off)
-    "tail_tiles": ("TAIL_MIN_BLOCK_M", grouped_gemm.TAIL_MIN_BLOCK_M, 1 << 30),
-    "quarter_tails": ("QUARTER_TAIL_MIN_BLOCK_M", grouped_gemm.TAIL_MIN_BLOCK_M, 1 << 30),
-}
 
-
-def compare(switch, rounds, x, ids, w, w_up, w_down) -> tuple[float, float, float]:
-    """(median ms off, median ms on, relative difference of the outputs)."""
-    name, on_value, off_value = SWITCHES[switch]
-    default = getattr(grouped_gemm, name)
-    ms, y = {"off": [], "on": []}, {}
+@contextlib.contextmanager
+def tail_tiles(on: bool, T, H, F, E, K):
+    """Half-height tail tiles on or off (a module constant); the default tiles."""
+    default = grouped_gemm.TAIL_MIN_BLOCK_M
+    grouped_gemm.TAIL_MIN_BLOCK_M = default if on else 1 << 30
     try:
-        for _ in range(rounds):
-            for tag, value in (("off", off_value), ("on", on_value)):
-                setattr(grouped_gemm, name, value)
-                y[tag] = mk.moe_experts_triton(x, ids, w, w_up, w_down).float()
-                fn = lambda: mk.moe_experts_triton(x, ids, w, w_up, w_down)  # noqa: E731
-                ms[tag].append(do_bench_cudagraph(fn, rep=20))
+        yield None
     finally:
-        setattr(grouped_gemm, name, default)
+        grouped_gemm.TAIL_MIN_BLOCK_M = default
+
+
+@contextlib.contextmanager
+def quarter_tails(on: bool, T, H, F, E, K):
+    """The default tiles with ``tail_div`` 4 (on) or 2 (off)."""
+    c = default_config(T, H, F, E, K, torch.bfloat16)
+    tail_div = 4 if on else 2
+    yield MoeConfig(replace(c.up, tail_div=tail_div), replace(c.down, tail_div=tail_div))
+
+
+SWITCHES = {"tail_tiles": tail_tiles, "quarter_tails": quarter_tails}
+
+
+def compare(switch, rounds, shape, x, ids, w, w_up, w_down) -> tuple[float, float, float]:
+    """(median ms off, median ms on, relative difference of the outputs)."""
+    ms, y = {"off": [], "on": []}, {}
+    for _ in range(rounds):
+        for tag in ("off", "on"):
+            with SWITCHES[switch](tag == "on", x.shape[0], *shape) as config:
+                y[tag] = mk.moe_experts_triton(x, ids, w, w_up, w_down, config=config).float()
+                fn = lambda: mk.moe_experts_triton(  # noqa: E731
+                    x, ids, w, w_up, w_down, config=config
+                )
+                ms[tag].append(do_bench_cudagraph(fn, rep=20))
     rel = ((y["on"] - y["off"]).norm() / y["off"].norm()).item()
     return statistics.median(ms["off"]), statistics.median(ms["on"]), rel
 
@@ -65,7 +83,7 @@ def main() -> None:
         w_up, w_down = weights(H, F, E, g)
         for T in map(int, args.tokens.split(",")):
             x, ids, w = tokens(T, H, E, K, g)
-            off, on, rel = compare(args.switch, args.rounds, x, ids, w, w_up, w_down)
+            off, on, rel = compare(args.switch, args.rounds, (H, F, E, K), x, ids, w, w_up, w_down)
             print(
                 f"| {name} | {T} | {off:.3f} | {on:.3f} | {off / on:.3f}x | {rel:.1e} |", flush=True
             )

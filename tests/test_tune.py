@@ -104,6 +104,11 @@ def test_python_without_torch(tmp_path, capsys):
             "fields must be",
         ),
         ({"tables": [dict(TABLE["tables"][0], weights="int3")]}, r"weights: must be one of"),
+        (
+            {"tables": [dict(TABLE["tables"][0], buckets={"1": {"up": dict(GEMM, tail_div=3),
+                                                                "down": GEMM}})]},
+            r"up\.tail_div: must be one of \[2, 4\]",
+        ),
     ],
 )  # fmt: skip
 def test_load_tuning_rejects(tmp_path, table, message):
@@ -318,6 +323,28 @@ def test_default_tiles_keep_blocks_above_four_thirds_of_the_rows_per_expert():
     assert [block_m(128, w) for w in ("int8", "int4", "fp8")] == [32, 32, 32]
     assert [block_m(256, w) for w in ("int8", "int4", "fp8")] == [64, 64, 64]
     assert block_m(260, "int8") == 128
+
+
+def test_default_tiles_use_quarter_tail_tiles_for_many_large_experts():
+    """With 128-row blocks, many experts with large weights (DeepSeek-V3: 256 of 7168 x 2048) run
+    nearly empty last blocks as quarter-height tiles (measured faster on an H200); a few large
+    experts (Mixtral) or many small ones (Qwen3, OLMoE) keep half-height ones, as do smaller
+    blocks. A config asking for another tail height is refused."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    configs = kernel_module("configs")
+
+    def tail_divs(T, H, F, E, K):
+        c = configs.default_config(T, H, F, E, K, torch.bfloat16)
+        return c.up.tail_div, c.down.tail_div
+
+    assert tail_divs(4096, 7168, 2048, 256, 8) == (4, 4)  # DeepSeek-V3
+    assert tail_divs(16, 7168, 2048, 256, 8) == (2, 2)  # 16-row blocks: no tail tiles
+    assert tail_divs(4096, 4096, 14336, 8, 2) == (2, 2)  # Mixtral-8x7B
+    assert tail_divs(4096, 2048, 768, 128, 8) == (2, 2)  # Qwen3-30B-A3B
+    assert tail_divs(4096, 2048, 1024, 64, 8) == (2, 2)  # OLMoE-1B-7B
+    with pytest.raises(ValueError, match="tail_div must be one of"):
+        configs.GemmConfig(128, 128, 64, tail_div=8)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from moec.errors import UsageError
 
-GEMM_FIELDS = {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"}
+GEMM_FIELDS = {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tail_div"}
 POW2 = {"block_m", "block_n", "block_k"}
+TAIL_DIVS = (2, 4)  # the kernels' tail tiles: half or quarter height (optional field, default 2)
 WEIGHTS = ("dense", "int8", "int4", "fp8")
 
 Table = tuple[tuple[tuple[int, int, int, int, str], tuple[tuple[int, dict], ...]], ...]
@@ -75,5 +76,7 @@ def _config(config: dict, where: str) -> dict:
                 raise UsageError(
                     f"{where}.{side}.{name}: must be a positive integer{' power of 2' if name in POW2 else ''}"
                 )
+            if name == "tail_div" and value not in TAIL_DIVS:
+                raise UsageError(f"{where}.{side}.tail_div: must be one of {list(TAIL_DIVS)}")
         out[side] = dict(sorted(fields.items()))
     return out

@@ -230,20 +230,22 @@ def test_experts_tail_tiles(monkeypatch, cfg, kw):
 
 @pytest.mark.parametrize("kw", [{}, dict(weight_on_input=True)])
 def test_experts_quarter_tail_tiles(monkeypatch, kw):
-    """With quarter tiles on, an expert's last block of at most a quarter block of slots runs a
+    """With ``tail_div`` 4, an expert's last block of at most a quarter block of slots runs a
     quarter-height tile, one of at most half a block a half-height one: equal to the reference with
     experts ending in each (74 slots = a full block and a quarter tail; 20 = half; 50 = full;
     5 = quarter) and one with none."""
     from moe_kernels import grouped_gemm
 
     monkeypatch.setattr(grouped_gemm, "TAIL_MIN_BLOCK_M", 64)
-    monkeypatch.setattr(grouped_gemm, "QUARTER_TAIL_MIN_BLOCK_M", 64)
-    assert grouped_gemm._tail_m(64) == 16 and grouped_gemm._tail_m(32) == 0
+    up, down = GemmConfig(64, 16, 16, 2, 4, 1, tail_div=4), GemmConfig(
+        64, 32, 16, 1, 4, 1, tail_div=4
+    )
+    assert grouped_gemm._tail_m(up) == 16 and grouped_gemm._tail_m(GemmConfig(32, 16, 16)) == 0
     H, F, E = 40, 24, 5
     x, _, _, w_up, w_down, _, _ = make_experts(149, H, F, E, 1, torch.float32, seed=9)
     ids = torch.tensor([0] * 74 + [1] * 20 + [2] * 50 + [3] * 5)[torch.randperm(149)][:, None]
     w = torch.rand(149, 1)
-    cfg = MoeConfig(GemmConfig(64, 16, 16, 2, 4, 1), GemmConfig(64, 32, 16, 1, 4, 1))
+    cfg = MoeConfig(up, down)
     args = (x, ids, w, w_up, w_down, None, None)
     y = mk.moe_experts_triton(*args, config=cfg, **kw)
     assert rel_err(y, ref64(*args, **kw)) < TOL[torch.float32]

@@ -16,7 +16,7 @@ accumulators by each weight row's scale, so the weights stream at their stored s
 
 Tail tiles: with tiles of ``TAIL_MIN_BLOCK_M`` rows or more, a row block holding at most half a
 block of slots (an expert's last) runs a half-height tile, so its padding rows are not multiplied;
-from ``QUARTER_TAIL_MIN_BLOCK_M`` rows, one of at most a quarter block a quarter-height tile.
+with the config's ``tail_div`` 4, one of at most a quarter block a quarter-height tile.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K slots,
 P padded rows (multiple of BLOCK_M), X = 2F (GLU) or F (plain MLP).
@@ -322,19 +322,10 @@ _FITTED: dict[tuple, GemmConfig] = {}
 TAIL_MIN_BLOCK_M = 128
 
 
-# With tail tiles, blocks of at least this many rows also run a quarter-height tile for a last
-# block of at most a quarter block of slots (at ~256 ± 16 slots per expert, Qwen3-30B-A3B at
-# T=4096, about half the experts end in a block of <= 32 slots). Off until measured on a GPU:
-# bench/kernel_switches.py --switch quarter_tails.
-QUARTER_TAIL_MIN_BLOCK_M = 1 << 30
-
-
-def _tail_m(block_m: int) -> int:
+def _tail_m(c: GemmConfig) -> int:
     """TAIL_M of the kernels: the rows of the smallest tile for a block's last few slots (half a
-    block, or a quarter), 0 = no such tile."""
-    if block_m < TAIL_MIN_BLOCK_M:
-        return 0
-    return block_m // 4 if block_m >= QUARTER_TAIL_MIN_BLOCK_M else block_m // 2
+    block, or a quarter with ``tail_div`` 4), 0 = no such tile."""
+    return 0 if c.block_m < TAIL_MIN_BLOCK_M else c.block_m // c.tail_div
 
 
 def _launch(kernel, grid: tuple, config: GemmConfig, key: tuple, *args, **constexprs) -> None:
@@ -415,7 +406,7 @@ def up_proj(
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
         W_SCALED=w_up_scale_EX is not None, W_INT4=int4,
         WEIGHT_ON_INPUT=topk_weights_N is not None, STORE_GU=gu_out_NX is not None, ALIGN_M=align_m,
-        TAIL_M=_tail_m(config.block_m),
+        TAIL_M=_tail_m(config),
     )  # fmt: skip
     return h
 
@@ -448,6 +439,6 @@ def down_proj(
         sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
         H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
         W_INT4=w_down_EHF.dtype == torch.uint8, MUL_WEIGHT=topk_weights_N is not None,
-        ALIGN_M=align_m, TAIL_M=_tail_m(config.block_m),
+        ALIGN_M=align_m, TAIL_M=_tail_m(config),
     )  # fmt: skip
     return o
