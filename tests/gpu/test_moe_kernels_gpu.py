@@ -119,9 +119,15 @@ def test_routing_deepseek_v3(T):
     torch.testing.assert_close(w.gather(1, o), w_r.gather(1, o_r))
 
 
-@pytest.mark.parametrize("T,E,K,block_m", [(16384, 128, 8, 64), (3, 8, 2, 16), (5000, 256, 8, 128)])
-def test_align_by_expert_cuda(T, E, K, block_m):
-    ids = torch.randint(-1, E, (T, K), device="cuda", dtype=torch.int32)
+@pytest.mark.parametrize(
+    "T,E,K,block_m,hot",
+    [(16384, 128, 8, 64, 0), (3, 8, 2, 16, 0), (5000, 256, 8, 128, 0), (4096, 64, 8, 128, 3)],
+)
+def test_align_by_expert_cuda(T, E, K, block_m, hot):
+    """Equal to the reference; ``hot`` > 0: every slot on one of that many experts, so each step
+    of the scatter has many slots of one expert (from 64 experts, the last of them moves its
+    expert's next free row, while the threads of the others have read it)."""
+    ids = torch.randint(-1, hot or E, (T, K), device="cuda", dtype=torch.int32)
     got = permute.align_by_expert(ids, E, block_m)
     want = reference.align_by_expert(ids, E, block_m)
     for name, a, b in zip(want._fields, got, want, strict=True):

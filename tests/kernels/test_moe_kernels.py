@@ -110,6 +110,11 @@ def test_routing_single_token_and_grad():
         (40, 2, 4, 0, 16, "one_expert"),  # all tokens on one expert, the others empty
         (300, 4, 6, 2, 32, "random"),  # several chunks; group [2, 8) of 10 experts
         (7, 8, 64, 0, 16, "random"),  # more experts than slots
+        # from 64 experts slots are ranked by comparing them: several steps and chunks, a group
+        # of the ids, every slot of a step on one expert
+        (600, 8, 128, 0, 128, "random"),
+        (300, 4, 70, 5, 32, "random"),
+        (200, 8, 64, 0, 64, "one_expert"),
     ],
 )
 def test_align_by_expert(T, K, E, first, block_m, layout):

@@ -13,6 +13,14 @@ expert):
    sorted positions, and fills its share of the per-block table (expert of each block, sentinel for
    padding rows).
 
+The scatter walks its chunk SUB slots at a time. A slot's position is its expert's next free row
+plus its rank among the step's slots of the same expert. With few experts the rank is a cumulative
+sum over a [SUB, E] one-hot; from 64 experts (``PAIRS_MIN_EXPERTS``) it is a [SUB, SUB] comparison
+of the step's slots, and the next free rows live in a scratch row of the program, read by expert
+id, so no step is E wide. On an H200 (2026-12-02, bench/RESULTS.md) that made the alignment 1.2-2.7x
+faster at 64-256 experts (Qwen3-30B-A3B T=4096: 27.6 -> 15.7 us; DeepSeek-V3 T=16384: 142.5 ->
+53.1 us), and slower at 8 experts (Mixtral T=16384: 6.3 -> 9.6 us), which keep the one-hot.
+
 Output sizes depend only on N, E and BLOCK_M (``max_padded_rows``), so the launches that follow can
 be sized without reading anything back. Shape legend: T tokens, K top-k, N = T*K slots, E experts,
 P padded rows, B = P / BLOCK_M blocks.
@@ -60,6 +68,7 @@ def _count_kernel(
 def _scatter_kernel(
     ids_ptr,  # [N] int32
     hist_ptr,  # [chunks, E_PAD] int32 from _count_kernel
+    run_ptr,  # [chunks, E_PAD] int32 scratch: each program's next free row per expert (if PAIRS)
     sorted_ptr,  # [P] int32 out: slot ids in expert order, sentinel N on padding rows
     eob_ptr,  # [B] int32 out: local expert of each block, -1 past the last expert
     offsets_ptr,  # [E + 1] int32 out: padded start row of each expert
@@ -75,6 +84,7 @@ def _scatter_kernel(
     SUB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK_ROWS: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
@@ -95,14 +105,32 @@ def _scatter_kernel(
 
     # Scatter this chunk's slots; `run` is the next free row of each expert.
     run = start + before
-    for s in range(0, chunk, SUB):
-        offs = pid * chunk + s + tl.arange(0, SUB)
-        e, ok = _local_expert(ids_ptr, offs, N, first_expert, E)
-        hit = ((e[:, None] == cols[None, :]) & ok[:, None]).to(tl.int32)  # [SUB, E_PAD]
-        rank = tl.cumsum(hit, axis=0) - 1
-        pos = tl.sum(tl.where(hit != 0, run[None, :] + rank, 0), axis=1)
-        tl.store(sorted_ptr + pos, offs, mask=ok)
-        run += tl.sum(hit, axis=0)
+    if PAIRS:  # rank by comparing the step's slots; `run` in this program's scratch row
+        i = tl.arange(0, SUB)
+        row = run_ptr + pid * E_PAD
+        tl.store(row + cols, run)
+        tl.debug_barrier()
+        for s in range(0, chunk, SUB):
+            offs = pid * chunk + s + i
+            e, ok = _local_expert(ids_ptr, offs, N, first_expert, E)
+            e = tl.where(ok, e, -1)
+            same = e[:, None] == e[None, :]  # [SUB, SUB]
+            rank = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+            later = tl.sum((same & (i[None, :] > i[:, None])).to(tl.int32), axis=1)
+            base = tl.load(row + e, mask=ok, other=0)
+            tl.store(sorted_ptr + base + rank, offs, mask=ok)
+            tl.debug_barrier()  # every slot has read its expert's row before the last one moves it
+            tl.store(row + e, base + rank + 1, mask=ok & (later == 0))
+            tl.debug_barrier()
+    else:  # rank by a cumulative sum over the step's one-hot
+        for s in range(0, chunk, SUB):
+            offs = pid * chunk + s + tl.arange(0, SUB)
+            e, ok = _local_expert(ids_ptr, offs, N, first_expert, E)
+            hit = ((e[:, None] == cols[None, :]) & ok[:, None]).to(tl.int32)  # [SUB, E_PAD]
+            rank = tl.cumsum(hit, axis=0) - 1
+            pos = tl.sum(tl.where(hit != 0, run[None, :] + rank, 0), axis=1)
+            tl.store(sorted_ptr + pos, offs, mask=ok)
+            run += tl.sum(hit, axis=0)
 
     # Blocks never straddle experts, so one expert per block; rows past its count are padding.
     fill_end = tl.where(cols < E, start + total, 0)
@@ -117,6 +145,10 @@ def _scatter_kernel(
         tl.store(
             sorted_ptr + row0 + rows, tl.full([BLOCK_M], N, tl.int32), mask=row0 + rows >= last
         )
+
+
+# From this many experts the scatter ranks a step's slots by comparing them with each other.
+PAIRS_MIN_EXPERTS = 64
 
 
 def align_by_expert(
@@ -140,11 +172,13 @@ def align_by_expert(
     P = max_padded_rows(N, E, block_m)
     B = P // block_m
     E_PAD = next_power_of_2(E)
-    SUB = max(16, min(128, 4096 // E_PAD))  # a [SUB, E_PAD] one-hot tile per step
+    pairs = E >= PAIRS_MIN_EXPERTS
+    SUB = 32 if pairs else max(16, min(128, 4096 // E_PAD))  # a [SUB, E_PAD] one-hot tile per step
     # ~128 chunks at most (one wave of programs), each a multiple of SUB slots.
     chunk = SUB * cdiv(max(N, 1), SUB * 128)
     num_chunks = cdiv(max(N, 1), chunk)
     hist = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev)
+    run = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev) if pairs else hist
     sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
     eob = torch.empty(B, dtype=torch.int32, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
@@ -153,9 +187,10 @@ def align_by_expert(
         ids, hist, N, chunk, first_expert_id, E=E, E_PAD=E_PAD, SUB=SUB, num_warps=4
     )
     _scatter_kernel[(num_chunks,)](
-        ids, hist, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
+        ids, hist, run, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
         cdiv(B, num_chunks), first_expert_id,
         E=E, E_PAD=E_PAD, SUB=SUB, BLOCK_M=block_m,
-        CHUNK_ROWS=min(next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), num_warps=4,
+        CHUNK_ROWS=min(next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), PAIRS=pairs,
+        num_warps=4,
     )  # fmt: skip
     return Alignment(sorted_ids, eob, offsets, counts)
