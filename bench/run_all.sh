@@ -4,8 +4,9 @@
 # own and logs to $OUT (or ./out); a part that fails does not stop the others.
 #
 #   here:   moec build bench/specs/*.yaml --out-dir bench/generated
-#   there:  bash bench/run_all.sh [tests] [layer] [train] [switches] [regimes] [spread]   (carry bench/generated;
-#           no arguments = all four, ~9 minutes on an H200: one call's limit is 10)
+#   there:  bash bench/run_all.sh [tests] [layer] [train] [switches] [regimes] [spread] [profile]
+#           (carry bench/generated; no arguments = the first four, ~9 minutes on an H200: one
+#           call's limit is 10)
 set -uo pipefail
 
 out="${OUT:-out}"
@@ -29,7 +30,8 @@ for part in "${parts[@]}"; do
     switches) run kernel_switches 180 python3 bench/kernel_switches.py --switch quarter_tails --rounds 3 ;;
     regimes) run tile_regimes 240 python3 bench/tile_regimes.py ;;  # not in the default four
     spread) run routing_spread 150 python3 bench/routing_spread.py ;;  # not in the default four
-    *) echo "unknown part $part (tests, layer, train, switches, regimes, spread)" | tee -a "$out/run_all.log" ;;
+    profile) run path_profile 120 python3 bench/path_profile.py ;;  # not in the default four
+    *) echo "unknown part $part (tests, layer, train, switches, regimes, spread, profile)" | tee -a "$out/run_all.log" ;;
   esac
 done
 tail -n 4 "$out"/*.log
