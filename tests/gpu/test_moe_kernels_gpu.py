@@ -125,8 +125,8 @@ def test_routing_deepseek_v3(T):
 )
 def test_align_by_expert_cuda(T, E, K, block_m, hot):
     """Equal to the reference; ``hot`` > 0: every slot on one of that many experts, so each step
-    of the scatter has many slots of one expert (from 64 experts, the last of them moves its
-    expert's next free row, while the threads of the others have read it)."""
+    of the scatter has many slots of one expert (from 64 experts the last of them moves the
+    expert's next free row, after every slot of the step has read it)."""
     ids = torch.randint(-1, hot or E, (T, K), device="cuda", dtype=torch.int32)
     got = permute.align_by_expert(ids, E, block_m)
     want = reference.align_by_expert(ids, E, block_m)

@@ -8,6 +8,7 @@ tests/gpu/test_moe_kernels_gpu.py checks it on CUDA.
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 # Triton picks the interpreter when a kernel is decorated (at import): tests/conftest.py turns it on
 # for the whole CPU test run; set it here too so this file also runs on its own.
@@ -15,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
@@ -125,6 +126,30 @@ def test_align_by_expert(T, K, E, first, block_m, layout):
     else:
         ids = torch.randint(-1, first + E + 2, (T, K), generator=g).int()
     got = permute.align_by_expert(ids, E, block_m, first)
+    want = reference.align_by_expert(ids, E, block_m, first)
+    for name, a, b in zip(want._fields, got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 300),
+    st.integers(1, 8),
+    st.integers(1, 160),
+    st.integers(0, 3),
+    st.sampled_from([16, 32, 64, 128]),
+    st.integers(0, 5),
+    st.sampled_from([1, 3, 128]),
+    st.integers(0, 2**31 - 1),
+)
+def test_align_by_expert_property(T, K, E, first, block_m, hot, max_chunks, seed):
+    """Any routing, few experts (a [SUB, E] one-hot ranks the slots) or many (slots compared with
+    each other), in one chunk or many, of one step or many: equal to the reference; ``hot`` > 0
+    puts every slot on that many experts."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, first + (hot or E + 2), (T, K), generator=g).int()
+    with mock.patch.object(permute, "MAX_CHUNKS", max_chunks):
+        got = permute.align_by_expert(ids, E, block_m, first)
     want = reference.align_by_expert(ids, E, block_m, first)
     for name, a, b in zip(want._fields, got, want, strict=True):
         assert torch.equal(a, b), name

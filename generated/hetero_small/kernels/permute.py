@@ -149,6 +149,8 @@ def _scatter_kernel(
 
 # From this many experts the scatter ranks a step's slots by comparing them with each other.
 PAIRS_MIN_EXPERTS = 64
+# At most this many chunks (programs): about one wave; each program walks its chunk in steps.
+MAX_CHUNKS = 128
 
 
 def align_by_expert(
@@ -173,9 +175,10 @@ def align_by_expert(
     B = P // block_m
     E_PAD = next_power_of_2(E)
     pairs = E >= PAIRS_MIN_EXPERTS
-    SUB = 32 if pairs else max(16, min(128, 4096 // E_PAD))  # a [SUB, E_PAD] one-hot tile per step
-    # ~128 chunks at most (one wave of programs), each a multiple of SUB slots.
-    chunk = SUB * cdiv(max(N, 1), SUB * 128)
+    # slots per step: a [SUB, SUB] comparison, or a [SUB, E_PAD] one-hot
+    SUB = 32 if pairs else max(16, min(128, 4096 // E_PAD))
+    # MAX_CHUNKS chunks at most, each a multiple of SUB slots.
+    chunk = SUB * cdiv(max(N, 1), SUB * MAX_CHUNKS)
     num_chunks = cdiv(max(N, 1), chunk)
     hist = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev)
     run = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev) if pairs else hist

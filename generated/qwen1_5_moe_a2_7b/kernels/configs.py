@@ -109,8 +109,9 @@ def default_config(
     Quarter-height tail tiles (``tail_div`` 4) are used where many experts have large weights (at
     least 64 experts, H·F >= 8M): each expert's last block, when nearly empty, still streams the
     expert's weights, and a shorter tile makes that block cheaper. Measured on an H200 (2026-12-02,
-    bench/kernel_switches.py, medians of three alternating rounds): DeepSeek-V3 1.04x at T=4096
-    and 1.02x at T=16384; Mixtral-8x7B (8 experts), OLMoE and Qwen3 (small experts) 0.99-1.00x.
+    bench/kernel_switches.py, medians of alternating rounds, two runs): DeepSeek-V3 1.03-1.04x at
+    T=4096 and 1.01-1.02x at T=16384; Mixtral-8x7B (8 experts), OLMoE and Qwen3 (small experts)
+    0.99-1.00x.
 
     ``weights`` ("dense", "int8", "int4", "fp8": how the expert weights are stored) keeps the
     earlier tiles where the H200 tiles measured slower for that format (bench/moe_quant.py,
