@@ -348,19 +348,21 @@ def test_expert_choice_gives_the_kernels_compact_slots(monkeypatch):
     """Expert choice routes with [T, E] slots, mostly -1; in training the kernels get each token's
     chosen slots only, [T, K'] with K' the most experts any token has, so their per-slot buffers
     and the pre-activations kept for the backward are T·K' rows rather than T·E; without grad the
-    slots go as they are (no host sync), as in a frozen layer whose input needs no gradient. The
-    output and gradients equal the torch backend's (checked on this spec above, through the
-    compacted slots)."""
+    slots go as they are (no host sync), as in a frozen layer whose input needs no gradient, unless
+    the slots' outputs would take ``COMPACT_MIN_BYTES``. The output and gradients equal the torch
+    backend's (checked on this spec above, through the compacted slots)."""
     pkg = build_package(SPECS["expert_choice_zero_latent"])
     torch.manual_seed(0)
     layer = pkg.MoELayer(backend="triton")
     k = pkg.backend.kernels()
-    widths, real = [], k.moe_experts
-    monkeypatch.setattr(
-        k,
-        "moe_experts",
-        lambda x, ids, *a, **kw: widths.append(ids.shape[1]) or real(x, ids, *a, **kw),
-    )
+    widths, inputs, real = [], [], k.moe_experts
+
+    def spy(x, ids, *args, **kwargs):
+        widths.append(ids.shape[1])
+        inputs.append(x.shape)
+        return real(x, ids, *args, **kwargs)
+
+    monkeypatch.setattr(k, "moe_experts", spy)
     x = torch.randn(24, layer.router.weight.shape[1])
     ids_TE, _, _ = layer.route(x)
     layer(x)
@@ -369,8 +371,14 @@ def test_expert_choice_gives_the_kernels_compact_slots(monkeypatch):
     layer.requires_grad_(False)  # frozen, grad enabled: nothing is recorded, no host sync
     layer(x)
     layer(x.requires_grad_())  # but the input's gradient needs the backward
+    T, H = inputs[0]  # the experts' input (a latent space here)
+    monkeypatch.setattr(pkg.experts, "COMPACT_MIN_BYTES", T * 6 * H * 4)  # [T*E, H] float32
+    with torch.no_grad():  # large slot outputs: compacted without grad too
+        layer(x)
+        layer(x[:-1])  # one token fewer: below the size
     chosen = int((ids_TE >= 0).sum(dim=1).max())
-    assert ids_TE.shape[1] == 6 and widths == [chosen, 6, 6, chosen] and chosen < 6
+    assert ids_TE.shape[1] == 6 and chosen < 6
+    assert widths == [chosen, 6, 6, chosen, chosen, 6]
 
 
 @functools.cache
