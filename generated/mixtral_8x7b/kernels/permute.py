@@ -106,6 +106,8 @@ def _scatter_kernel(
     # Scatter this chunk's slots; `run` is the next free row of each expert.
     run = start + before
     if PAIRS:  # rank by comparing the step's slots; `run` in this program's scratch row
+        # (a plain range: Triton pipelines loads that feed no dot only in loops given num_stages,
+        # so no step reads the scratch row ahead of the step before it)
         i = tl.arange(0, SUB)
         row = run_ptr + pid * E_PAD
         tl.store(row + cols, run)
