@@ -55,13 +55,16 @@ def register_configs(H: int, F: int, E: int, K: int, table: dict, weights: str =
     _CONFIG_TABLES[(H, F, E, K, weights)] = dict(table)
 
 
+def records_autograd(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors``: grad enabled and one of them needs a grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _op_needed(*tensors: Tensor | None) -> bool:
     """Whether a call must go through its custom op: under ``torch.compile`` / export, or when
     autograd must record it. Otherwise the public functions call the implementation directly: the
     op's dispatch costs 10-60 µs of host time a call, as much as the kernels at small T."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.compiler.is_compiling() or records_autograd(*tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,5 +428,4 @@ def moe_experts(
     if not _op_needed(*params):
         return (moe_experts_triton if use_triton(x_TH) else reference.moe_experts)(*args)
     # a call autograd records keeps the pre-activations (T*K x X in x's dtype) for the backward
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    return _experts_op(*args, train and keep_preactivations, static_rows)[0]
+    return _experts_op(*args, records_autograd(*params) and keep_preactivations, static_rows)[0]

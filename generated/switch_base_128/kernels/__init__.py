@@ -13,7 +13,7 @@ Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K sl
 """
 
 from .configs import GemmConfig, MoeConfig, default_config, pick_config
-from .ops import moe_experts, moe_experts_triton, moe_routing, register_configs
+from .ops import moe_experts, moe_experts_triton, moe_routing, records_autograd, register_configs
 from .permute import align_by_expert
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "moe_experts_triton",
     "moe_routing",
     "pick_config",
+    "records_autograd",
     "register_configs",
 ]
