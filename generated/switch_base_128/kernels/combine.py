@@ -4,13 +4,13 @@
 # regenerate: moec build specs/switch_base_128.yaml -o generated/switch_base_128
 """Sum each token's slot outputs: y[t] = Σ_k o[t*K + k] over the slots of one expert group.
 
-The down GEMM (``grouped_gemm.down_proj``) writes a [N, H] buffer in slot order (every slot written at most
-once); ``combine`` sums each token's K rows in a fixed order (``sum_rows_of_slots``, the same
-kernel, sums rows in any order through each slot's row index: the backward's dx). This is
-deterministic (atomics
-into y would make the float sum order vary run to run) and costs one extra pass over N*H elements
-at full bandwidth: on an H100, 1-2% of the layer for Mixtral / DeepSeek-V3 shapes and 6-8% for
-fine-grained experts at large T (Qwen3-30B-A3B, T=16384: 0.20 of 2.6 ms).
+The down GEMM (``grouped_gemm.down_proj``) writes a [N, H] buffer in slot order (every slot
+written at most once); ``combine`` sums each token's K rows in a fixed order
+(``sum_rows_of_slots``, the same kernel, sums rows in any order through each slot's row index: the
+backward's dx). This is deterministic (atomics into y would make the float sum order vary run to
+run) and costs one extra pass over N*H elements at full bandwidth: on an H100, 1-2% of the layer
+for Mixtral / DeepSeek-V3 shapes and 6-8% for fine-grained experts at large T (Qwen3-30B-A3B,
+T=16384: 0.20 of 2.6 ms).
 
 Shape legend: T tokens, H hidden, K top-k, N = T*K slots, E experts of the group.
 """
