@@ -14,7 +14,16 @@ import moe_kernels as mk  # noqa: E402
 from moe_kernels import grouped_gemm  # noqa: E402
 from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
 
-__all__ = ["SHAPES", "GemmConfig", "MoeConfig", "grouped_gemm", "mk", "tokens", "weights"]
+__all__ = [
+    "SHAPES",
+    "GemmConfig",
+    "MoeConfig",
+    "grouped_gemm",
+    "in_turn",
+    "mk",
+    "tokens",
+    "weights",
+]
 
 SHAPES = {  # (H, F, E, K)
     "mixtral": (4096, 14336, 8, 2),
@@ -36,3 +45,12 @@ def tokens(T: int, H: int, E: int, K: int, g: torch.Generator):
     x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
     w, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
     return x, ids, w / w.sum(-1, keepdim=True)
+
+
+def in_turn(items: list, r: int) -> list:
+    """The order of round r: ``items`` rotated by r, so that over the rounds each goes first as
+    often. The GPU heats during a round, and a fixed order biases the A/B: measured always after
+    "off", the same kernels came out from 4.5% slower to 6.4% faster than in turn (H200,
+    2026-12-02, bench/RESULTS.md)."""
+    k = r % len(items)
+    return items[k:] + items[:k]

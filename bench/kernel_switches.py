@@ -11,12 +11,14 @@ Switches:
   ``default_config`` turns it on for many large experts (measured 2026-12-02).
 
 A switch measured and settled leaves the kernels (one code path each); ``fused_glu_dot`` (one dot
-over interleaved gate and up columns against two dots sharing A) was one, 2026-12-01.
+over interleaved gate and up columns against two dots sharing A) was one, 2026-12-01, and
+programmatic dependent launch of the path's kernels (0.97-1.01x, not adopted) another, 2026-12-02.
 
 For each shape and token count: median ms of ``moe_experts_triton`` (bf16, random weights and
 softmax routing, replayed from a CUDA graph), on and off measured alternately for ``--rounds``
-rounds (so clock and thermal drift hit both), and the relative difference of the two outputs. Run
-on a GPU from the repository root; the kernels are imported from the library's source.
+rounds, each first in every other round (``expert_problem.in_turn``: a fixed order biased an A/B
+by up to 6%), and the relative difference of the two outputs. Run on a GPU from the repository
+root; the kernels are imported from the library's source.
 """
 
 import argparse
@@ -25,7 +27,7 @@ import statistics
 from dataclasses import replace
 
 import torch
-from expert_problem import SHAPES, MoeConfig, grouped_gemm, mk, tokens, weights
+from expert_problem import SHAPES, MoeConfig, grouped_gemm, in_turn, mk, tokens, weights
 from moe_kernels.configs import default_config
 from triton.testing import do_bench_cudagraph
 
@@ -55,8 +57,8 @@ SWITCHES = {"tail_tiles": tail_tiles, "quarter_tails": quarter_tails}
 def compare(switch, rounds, shape, x, ids, w, w_up, w_down) -> tuple[float, float, float]:
     """(median ms off, median ms on, relative difference of the outputs)."""
     ms, y = {"off": [], "on": []}, {}
-    for _ in range(rounds):
-        for tag in ("off", "on"):
+    for r in range(rounds):
+        for tag in in_turn(["off", "on"], r):
             with SWITCHES[switch](tag == "on", x.shape[0], *shape) as config:
                 y[tag] = mk.moe_experts_triton(x, ids, w, w_up, w_down, config=config).float()
                 fn = lambda: mk.moe_experts_triton(  # noqa: E731

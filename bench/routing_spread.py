@@ -6,7 +6,7 @@ For each shape and token count, ``moe_experts_triton`` (default tiles, bf16, ran
 replayed from a CUDA graph) with the routing every other benchmark here uses (top-k of a softmax
 over random logits: rows per expert spread around T*K/E) and with balanced routing (token t's
 slots go to experts (t*K + k) mod E, so every expert gets exactly T*K/E rows), measured
-alternately for ``--rounds`` rounds; medians. With 128-row blocks an expert a few rows past a
+alternately for ``--rounds`` rounds, each first in turn; medians. With 128-row blocks an expert a few rows past a
 multiple of the block runs one more program per output tile, which streams its weights again:
 the balanced time is what the kernels would take without that (H200, 2026-12-02: 1.08-1.27x,
 bench/RESULTS.md). Run on a GPU from the repository root.
@@ -16,7 +16,7 @@ import argparse
 import statistics
 
 import torch
-from expert_problem import SHAPES, mk, tokens, weights
+from expert_problem import SHAPES, in_turn, mk, tokens, weights
 from triton.testing import do_bench_cudagraph
 
 CASES = "mixtral:4096,qwen3:4096,olmoe:4096,deepseek_v3:4096,deepseek_v3:16384"
@@ -25,8 +25,8 @@ CASES = "mixtral:4096,qwen3:4096,olmoe:4096,deepseek_v3:4096,deepseek_v3:16384"
 def measure(rounds: int, routings: tuple, x, w, w_up, w_down) -> list[float]:
     """Median ms of the expert path for each routing (ids), measured alternately."""
     ms = [[] for _ in routings]
-    for _ in range(rounds):
-        for times, ids in zip(ms, routings, strict=True):
+    for r in range(rounds):
+        for times, ids in in_turn(list(zip(ms, routings, strict=True)), r):
             fn = lambda ids=ids: mk.moe_experts_triton(x, ids, w, w_up, w_down)  # noqa: E731
             times.append(do_bench_cudagraph(fn, rep=30))
     return [statistics.median(t) for t in ms]

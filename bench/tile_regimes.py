@@ -6,8 +6,8 @@
 boundaries were set (H200, 2026-12-02, bench/RESULTS.md): for each shape and each mean row count
 (T = rows * E / K tokens), the expert path (``moe_experts_triton``, bf16, random weights, softmax
 routing, replayed from a CUDA graph) with the default tiles and with each block height's tiles,
-measured alternately for ``--rounds`` rounds (clock and thermal drift hit all of them), medians,
-and whether every output equals the default's bit for bit. Run on a GPU from the repository root;
+measured alternately for ``--rounds`` rounds, each first in turn (``expert_problem.in_turn``),
+medians, and whether every output equals the default's bit for bit. Run on a GPU from the repository root;
 the kernels are imported from the library's source.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import torch
-from expert_problem import SHAPES, GemmConfig, MoeConfig, mk, tokens, weights
+from expert_problem import SHAPES, GemmConfig, MoeConfig, in_turn, mk, tokens, weights
 from triton.testing import do_bench_cudagraph
 
 BLOCKS = {  # the tiles of each block height, as default_config uses them for bf16 weights
@@ -36,8 +36,8 @@ def measure(T, H, F, E, K, rounds, g) -> dict:
         for c in configs.values()
     )
     ms = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, c in configs.items():
+    for r in range(rounds):
+        for name, c in in_turn(list(configs.items()), r):
             fn = lambda c=c: mk.moe_experts_triton(x, ids, w, w_up, w_down, config=c)  # noqa: E731
             ms[name].append(do_bench_cudagraph(fn, rep=40))
     return {name: statistics.median(t) for name, t in ms.items()} | {"same": same}
