@@ -155,6 +155,15 @@ PAIRS_MIN_EXPERTS = 64
 MAX_CHUNKS = 128
 
 
+def count_step(E_PAD: int) -> int:
+    """Slots per step of a [step, E_PAD] one-hot of about 4096 elements, 32 to 128 slots: the
+    count's (where its chunk allows), and the scatter's below PAIRS_MIN_EXPERTS. On an H200
+    (2026-12-02, bench/RESULTS.md): at 64 experts, 64-slot steps made the alignment 1.08-1.11x
+    faster than 32 (OLMoE-1B-7B, T=4096 and 16384); at 256 experts the count took 37.9 us with
+    32-slot steps and 45.5 with 16 (DeepSeek-V3, T=16384, per-kernel profiles of two runs)."""
+    return max(32, min(128, 4096 // E_PAD))
+
+
 def align_by_expert(
     topk_ids_TK: torch.Tensor, num_experts: int, block_m: int, first_expert_id: int = 0
 ) -> Alignment:
@@ -177,10 +186,13 @@ def align_by_expert(
     B = P // block_m
     E_PAD = next_power_of_2(E)
     pairs = E >= PAIRS_MIN_EXPERTS
-    # slots per step: a [SUB, SUB] comparison, or a [SUB, E_PAD] one-hot
-    SUB = 32 if pairs else max(16, min(128, 4096 // E_PAD))
+    # slots per step of the scatter: a [SUB, E_PAD] one-hot, or from PAIRS_MIN_EXPERTS a [SUB, SUB]
+    # comparison
+    SUB = 32 if pairs else count_step(E_PAD)
     # MAX_CHUNKS chunks at most, each a multiple of SUB slots.
     chunk = SUB * cdiv(max(N, 1), SUB * MAX_CHUNKS)
+    # the count's steps: its one-hot's, as wide as divides the chunk (no fewer chunks for them)
+    SUB_COUNT = min(count_step(E_PAD), chunk & -chunk)
     num_chunks = cdiv(max(N, 1), chunk)
     hist = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev)
     run = torch.empty(num_chunks, E_PAD, dtype=torch.int32, device=dev) if pairs else hist
@@ -189,7 +201,7 @@ def align_by_expert(
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     _count_kernel[(num_chunks,)](
-        ids, hist, N, chunk, first_expert_id, E=E, E_PAD=E_PAD, SUB=SUB, num_warps=4
+        ids, hist, N, chunk, first_expert_id, E=E, E_PAD=E_PAD, SUB=SUB_COUNT, num_warps=4
     )
     _scatter_kernel[(num_chunks,)](
         ids, hist, run, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
