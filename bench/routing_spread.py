@@ -6,10 +6,10 @@ For each shape and token count, ``moe_experts_triton`` (default tiles, bf16, ran
 replayed from a CUDA graph) with the routing every other benchmark here uses (top-k of a softmax
 over random logits: rows per expert spread around T*K/E) and with balanced routing (token t's
 slots go to experts (t*K + k) mod E, so every expert gets exactly T*K/E rows), measured
-alternately for ``--rounds`` rounds, each first in turn; medians. With 128-row blocks an expert a few rows past a
-multiple of the block runs one more program per output tile, which streams its weights again:
-the balanced time is what the kernels would take without that (H200, 2026-12-02: 1.08-1.27x,
-bench/RESULTS.md). Run on a GPU from the repository root.
+alternately for ``--rounds`` rounds, each first in turn; medians. With 128-row blocks an expert
+a few rows past a multiple of the block runs one more program per output tile, which streams its
+weights again: the balanced time is what the kernels would take without that (H200, 2026-12-02:
+1.03-1.22x, bench/RESULTS.md). Run on a GPU from the repository root.
 """
 
 import argparse

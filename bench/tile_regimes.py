@@ -7,8 +7,8 @@ boundaries were set (H200, 2026-12-02, bench/RESULTS.md): for each shape and eac
 (T = rows * E / K tokens), the expert path (``moe_experts_triton``, bf16, random weights, softmax
 routing, replayed from a CUDA graph) with the default tiles and with each block height's tiles,
 measured alternately for ``--rounds`` rounds, each first in turn (``expert_problem.in_turn``),
-medians, and whether every output equals the default's bit for bit. Run on a GPU from the repository root;
-the kernels are imported from the library's source.
+medians, and whether every output equals the default's bit for bit. Run on a GPU from the
+repository root; the kernels are imported from the library's source.
 """
 
 import argparse
