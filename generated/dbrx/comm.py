@@ -452,7 +452,8 @@ class Dispatcher:
             for work in works:
                 work.wait()
             y_UH = y_UH.float()
-            y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
+            y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1]))
+            y_RH.index_add_(0, hop.parent_U, y_UH)  # in place: no second full-size copy
         yield self._scatter_etp(y_RH, state["token_counts"])
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):

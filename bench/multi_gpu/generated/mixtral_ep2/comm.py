@@ -362,10 +362,11 @@ class Dispatcher:
             inbound.append(
                 _start_exchange(out_UH.to(x_TH.dtype), recv_CG[i], send_CG[i], self.ep_group)
             )
+        # every chunk's outputs summed per token into one float32 buffer, in place
         out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         for (y_UH, work), token_U in zip(inbound, token_C, strict=True):
             work.wait()
-            out_TH = out_TH.index_add(0, token_U, y_UH.float())  # summed in float32
+            out_TH.index_add_(0, token_U, y_UH.float())
         return self._scatter_etp(out_TH, token_counts), extra
 
     def _route(self, topk_ids_TK, topk_weights_TK, chunks: int) -> dict:
@@ -437,7 +438,8 @@ class Dispatcher:
             for work in works:
                 work.wait()
             y_UH = y_UH.float()
-            y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1])).index_add(0, hop.parent_U, y_UH)
+            y_RH = y_UH.new_zeros((hop.parents, y_UH.shape[1]))
+            y_RH.index_add_(0, hop.parent_U, y_UH)  # in place: no second full-size copy
         yield self._scatter_etp(y_RH, state["token_counts"])
 
     def _gather_etp(self, x_TH, ids_TK, w_TK):
