@@ -3,10 +3,12 @@
 shapes, and a random problem of one (bf16 weights, bf16 input, top-k of a softmax over random
 logits, renormalised). Run those scripts from the repository root on a GPU."""
 
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moec/templates/kernels_src"))
 # the library, not bench/moe_kernels.py: the scripts take it from here
@@ -20,6 +22,7 @@ __all__ = [
     "MoeConfig",
     "grouped_gemm",
     "in_turn",
+    "medians_in_turn",
     "mk",
     "tokens",
     "weights",
@@ -54,3 +57,13 @@ def in_turn(items: list, r: int) -> list:
     2026-12-02, bench/RESULTS.md)."""
     k = r % len(items)
     return items[k:] + items[:k]
+
+
+def medians_in_turn(fns: dict, rounds: int, rep: int) -> dict:
+    """{name: median ms of ``fns[name]()`` replayed from a CUDA graph}, each timed once a round
+    for ``rounds`` rounds, in turn (``in_turn``)."""
+    ms = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in in_turn(list(fns), r):
+            ms[name].append(do_bench_cudagraph(fns[name], rep=rep))
+    return {name: statistics.median(times) for name, times in ms.items()}

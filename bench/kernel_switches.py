@@ -23,13 +23,12 @@ root; the kernels are imported from the library's source.
 
 import argparse
 import contextlib
-import statistics
+import functools
 from dataclasses import replace
 
 import torch
-from expert_problem import SHAPES, MoeConfig, grouped_gemm, in_turn, mk, tokens, weights
+from expert_problem import SHAPES, MoeConfig, grouped_gemm, medians_in_turn, mk, tokens, weights
 from moe_kernels.configs import default_config
-from triton.testing import do_bench_cudagraph
 
 
 @contextlib.contextmanager
@@ -56,17 +55,15 @@ SWITCHES = {"tail_tiles": tail_tiles, "quarter_tails": quarter_tails}
 
 def compare(switch, rounds, shape, x, ids, w, w_up, w_down) -> tuple[float, float, float]:
     """(median ms off, median ms on, relative difference of the outputs)."""
-    ms, y = {"off": [], "on": []}, {}
-    for r in range(rounds):
-        for tag in in_turn(["off", "on"], r):
-            with SWITCHES[switch](tag == "on", x.shape[0], *shape) as config:
-                y[tag] = mk.moe_experts_triton(x, ids, w, w_up, w_down, config=config).float()
-                fn = lambda: mk.moe_experts_triton(  # noqa: E731
-                    x, ids, w, w_up, w_down, config=config
-                )
-                ms[tag].append(do_bench_cudagraph(fn, rep=20))
+
+    def run(tag):
+        with SWITCHES[switch](tag == "on", x.shape[0], *shape) as config:
+            return mk.moe_experts_triton(x, ids, w, w_up, w_down, config=config)
+
+    y = {tag: run(tag).float() for tag in ("off", "on")}
+    ms = medians_in_turn({tag: functools.partial(run, tag) for tag in ("off", "on")}, rounds, 20)
     rel = ((y["on"] - y["off"]).norm() / y["off"].norm()).item()
-    return statistics.median(ms["off"]), statistics.median(ms["on"]), rel
+    return ms["off"], ms["on"], rel
 
 
 def main() -> None:

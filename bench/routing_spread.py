@@ -13,23 +13,21 @@ weights again: the balanced time is what the kernels would take without that (H2
 """
 
 import argparse
-import statistics
 
 import torch
-from expert_problem import SHAPES, in_turn, mk, tokens, weights
-from triton.testing import do_bench_cudagraph
+from expert_problem import SHAPES, medians_in_turn, mk, tokens, weights
 
 CASES = "mixtral:4096,qwen3:4096,olmoe:4096,deepseek_v3:4096,deepseek_v3:16384"
 
 
 def measure(rounds: int, routings: tuple, x, w, w_up, w_down) -> list[float]:
-    """Median ms of the expert path for each routing (ids), measured alternately."""
-    ms = [[] for _ in routings]
-    for r in range(rounds):
-        for times, ids in in_turn(list(zip(ms, routings, strict=True)), r):
-            fn = lambda ids=ids: mk.moe_experts_triton(x, ids, w, w_up, w_down)  # noqa: E731
-            times.append(do_bench_cudagraph(fn, rep=30))
-    return [statistics.median(t) for t in ms]
+    """Median ms of the expert path for each routing (ids), measured in turn."""
+    fns = {
+        i: (lambda ids=ids: mk.moe_experts_triton(x, ids, w, w_up, w_down))
+        for i, ids in enumerate(routings)
+    }
+    ms = medians_in_turn(fns, rounds, 30)
+    return [ms[i] for i in range(len(routings))]
 
 
 def main() -> None:

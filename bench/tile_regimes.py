@@ -12,11 +12,9 @@ repository root; the kernels are imported from the library's source.
 """
 
 import argparse
-import statistics
 
 import torch
-from expert_problem import SHAPES, GemmConfig, MoeConfig, in_turn, mk, tokens, weights
-from triton.testing import do_bench_cudagraph
+from expert_problem import SHAPES, GemmConfig, MoeConfig, medians_in_turn, mk, tokens, weights
 
 BLOCKS = {  # the tiles of each block height, as default_config uses them for bf16 weights
     "32-row": MoeConfig(GemmConfig(32, 128, 128, 8, 4, 3), GemmConfig(32, 128, 128, 8, 4, 3)),
@@ -35,12 +33,11 @@ def measure(T, H, F, E, K, rounds, g) -> dict:
         torch.equal(mk.moe_experts_triton(x, ids, w, w_up, w_down, config=c), want)
         for c in configs.values()
     )
-    ms = {name: [] for name in configs}
-    for r in range(rounds):
-        for name, c in in_turn(list(configs.items()), r):
-            fn = lambda c=c: mk.moe_experts_triton(x, ids, w, w_up, w_down, config=c)  # noqa: E731
-            ms[name].append(do_bench_cudagraph(fn, rep=40))
-    return {name: statistics.median(t) for name, t in ms.items()} | {"same": same}
+    fns = {
+        name: (lambda c=c: mk.moe_experts_triton(x, ids, w, w_up, w_down, config=c))
+        for name, c in configs.items()
+    }
+    return medians_in_turn(fns, rounds, 40) | {"same": same}
 
 
 def main() -> None:

@@ -18,3 +18,18 @@ def test_in_turn_puts_each_first_equally_often(n):
     assert all(sorted(o) == sorted(items) for o in orders)  # every round measures all of them
     assert Counter(o[0] for o in orders) == {v: 3 for v in items}
     assert in_turn(["off", "on"], 0) == ["off", "on"] and in_turn(["off", "on"], 1) == ["on", "off"]
+
+
+def test_medians_in_turn_times_each_once_a_round_in_turn(monkeypatch):
+    import expert_problem
+
+    calls, times = [], {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 9.0])}
+
+    def fake_bench(fn, rep):
+        calls.append(fn())
+        return next(times[calls[-1]])
+
+    monkeypatch.setattr(expert_problem, "do_bench_cudagraph", fake_bench)
+    got = expert_problem.medians_in_turn({"a": lambda: "a", "b": lambda: "b"}, rounds=3, rep=7)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # each first in turn
+    assert got == {"a": 2.0, "b": 5.0}
