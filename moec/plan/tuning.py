@@ -18,7 +18,9 @@ from moec.errors import UsageError
 
 GEMM_FIELDS = {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tail_div"}
 POW2 = {"block_m", "block_n", "block_k"}
-TAIL_DIVS = (2, 4)  # the kernels' tail tiles: half or quarter height (optional field, default 2)
+# the kernels' tail tiles, half or quarter height (optional field, default 2): the kernel library's
+# configs.TAIL_DIVS, which the compiler renders as a template and does not import
+TAIL_DIVS = (2, 4)
 WEIGHTS = ("dense", "int8", "int4", "fp8")
 
 Table = tuple[tuple[tuple[int, int, int, int, str], tuple[tuple[int, dict], ...]], ...]
