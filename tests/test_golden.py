@@ -19,7 +19,7 @@ SPECS = sorted(p.relative_to(ROOT) for p in (ROOT / "specs").rglob("*.yaml"))
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # headers name paths relative to the repository root
+    monkeypatch.chdir(ROOT)  # the specs are named relative to it (headers do not depend on it)
 
 
 def test_there_are_goldens():

@@ -10,11 +10,23 @@ from moec.plan import run_passes
 from moec.spec import Spec, load_spec
 
 
-def display_path(path: Path | str) -> str:
-    """A path as generated headers show it: relative to the working directory, forward slashes."""
+def header_root(spec_path: Path | str) -> Path:
+    """The folder generated headers show paths relative to: the git work tree holding the spec
+    (the repository root, where CI runs ``moec build --check``), else the spec's own folder. Not
+    the working directory, so that a package's bytes do not depend on where moec ran."""
+    spec_dir = Path(spec_path).resolve().parent
+    for folder in (spec_dir, *spec_dir.parents):
+        if (folder / ".git").exists():  # a folder, or a file in worktrees and submodules
+            return folder
+    return spec_dir
+
+
+def display_path(path: Path | str, root: Path | str | None = None) -> str:
+    """A path as generated headers show it: relative to ``root`` (default: the working
+    directory), forward slashes."""
     path = Path(path)
     try:
-        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix()
+        return Path(os.path.relpath(path.resolve(), Path(root or Path.cwd()).resolve())).as_posix()
     except ValueError:  # another drive (Windows)
         return path.name
 
@@ -38,10 +50,10 @@ def build_files(
     (to ``out``, or ``out_dir/<name>``)."""
     spec, _ = load_spec(spec_path)
     out = Path(out) if out is not None else Path(out_dir) / spec.name
-    origin = Origin(
-        display_path(spec_path), f"moec build {display_path(spec_path)} -o {display_path(out)}"
-    )
+    root = header_root(spec_path)
+    shown = display_path(spec_path, root)
+    origin = Origin(shown, f"moec build {shown} -o {display_path(out, root)}")
     return spec, out, generate(spec, origin, Path(spec_path).parent)
 
 
-__all__ = ["Origin", "build_files", "display_path", "generate"]
+__all__ = ["Origin", "build_files", "display_path", "generate", "header_root"]
