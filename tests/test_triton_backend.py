@@ -180,6 +180,51 @@ def test_all_tokens_on_one_expert_and_empty_experts(layer):
     torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4, rtol=1e-4)
 
 
+def test_an_empty_batch(layer):
+    """T = 0 (an empty micro-batch, an expert-parallel rank with no tokens) on both backends: an
+    empty output, and every balancing loss present and 0."""
+    x = torch.randn(4, layer.router.weight.shape[1])
+    layer(x)
+    names = set(getattr(layer, "aux_losses", {}))
+    for backend in ("triton", "torch"):
+        layer.backend = backend
+        empty = x[:0].clone().requires_grad_()
+        y = layer(empty)
+        assert y.shape == empty.shape
+        losses = getattr(layer, "aux_losses", {})
+        assert set(losses) == names
+        assert all(float(v) == 0.0 for v in losses.values()), losses
+        if y.requires_grad:
+            y.sum().backward()
+
+
+def test_training_with_the_bias_update_matches_torch():
+    """Aux-loss-free balancing moves the selection bias in place during a training forward; the
+    routing kernel's backward must not read the moved bias (it kept a copy)."""
+    pkg = build_package(
+        SPECS["deepseek_like"]
+        + "balance: {aux_loss: 0.01, seq_aux_loss: 0.001, bias_update_rate: 0.01}\n"
+    )
+    torch.manual_seed(3)
+    layers = {"triton": pkg.MoELayer(backend="triton"), "torch": pkg.MoELayer(backend="torch")}
+    layers["torch"].load_state_dict(layers["triton"].state_dict())
+    x = torch.randn(2, 7, 32)
+    out = {}
+    for backend, layer in layers.items():
+        layer.train()
+        y = layer(x)
+        (y.square().sum() + layer.aux_losses["total"]).backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        out[backend] = (y.detach(), layer.router.selection_bias.clone(), grads)
+    (y_t, b_t, g_t), (y_r, b_r, g_r) = out["triton"], out["torch"]
+    torch.testing.assert_close(y_t, y_r, atol=1e-4, rtol=1e-4)
+    assert bool((b_t != 0).any()), "the training forward moved the bias"
+    torch.testing.assert_close(b_t, b_r)
+    assert set(g_t) == set(g_r)
+    for name in g_r:
+        torch.testing.assert_close(g_t[name], g_r[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("name", ["deepseek_like", "two_widths_k1"])
 def test_torch_compile_fullgraph(name):
     """The generated layer traces in one graph (custom ops, no breaks), first call included, and

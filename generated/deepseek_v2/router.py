@@ -66,6 +66,9 @@ class Router(nn.Module):
 
     def losses(self, logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_seqs: int) -> dict:
         """Balancing losses of one forward (unweighted), and ``total`` = their weighted sum."""
+        names = ["seq_load_balance", "total"]
+        if logits_TE.shape[0] == 0:  # no tokens (an empty batch, an idle rank): nothing to balance
+            return dict.fromkeys(names, logits_TE.float().sum())
         losses = {}
         losses["seq_load_balance"] = sequence_load_balance_loss(logits_TE, topk_ids_TK, num_seqs)
         losses["total"] = 0.003 * losses["seq_load_balance"]
@@ -91,12 +94,12 @@ def select_topk(logits_TE: torch.Tensor):
 
 def kept_groups(choice_TE: torch.Tensor) -> torch.Tensor:
     """Group-limited routing: keep the 3 best of 8 groups, scored by their best score."""
-    T = choice_TE.shape[0]
-    choice_TGX = choice_TE.view(T, 8, -1)
+    T, E = choice_TE.shape
+    choice_TGX = choice_TE.view(T, 8, E // 8)
     group_scores_TG = choice_TGX.amax(dim=-1)
     keep_idx_TG = group_scores_TG.topk(3, dim=-1).indices
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_idx_TG, True)
-    return keep_TG.unsqueeze(-1).expand_as(choice_TGX).reshape(T, -1)
+    return keep_TG.unsqueeze(-1).expand_as(choice_TGX).reshape(T, E)
 
 
 def sequence_load_balance_loss(

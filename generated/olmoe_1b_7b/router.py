@@ -66,6 +66,9 @@ class Router(nn.Module):
 
     def losses(self, logits_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_seqs: int) -> dict:
         """Balancing losses of one forward (unweighted), and ``total`` = their weighted sum."""
+        names = ["load_balance", "total"]
+        if logits_TE.shape[0] == 0:  # no tokens (an empty batch, an idle rank): nothing to balance
+            return dict.fromkeys(names, logits_TE.float().sum())
         losses = {}
         losses["load_balance"] = load_balance_loss(logits_TE)
         losses["total"] = 0.01 * losses["load_balance"]

@@ -108,7 +108,9 @@ def _(logits_TE, top_k, *args):
 def _routing_setup(ctx, inputs, output):
     logits_TE, top_k, selection_bias_E, *options = inputs
     ctx.options = options
-    ctx.save_for_backward(logits_TE, selection_bias_E, output[0])
+    # A copy of the bias: the layer's aux-loss-free update changes it in place after this forward.
+    bias_E = None if selection_bias_E is None else selection_bias_E.clone()
+    ctx.save_for_backward(logits_TE, bias_E, output[0])
 
 
 def _routing_backward(ctx, grad_ids, grad_w_TK):
