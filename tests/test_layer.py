@@ -238,3 +238,42 @@ def test_no_tokens_and_all_on_one_expert():
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+def test_a_float_group_keeps_its_weights_in_its_own_dtype():
+    """A group whose float dtype differs from the layer's stores its weights so (the plan counts
+    them so) and computes in the layer's dtype: the same as an fp32 layer given the bf16-rounded
+    weights, on both backends, with gradients in the stored dtype."""
+    stored = build_package(
+        BASE.replace("ffn: 16}", "ffn: 16, dtype: bf16}") + "router: {top_k: 2}\n"
+    )
+    plain = build_package(BASE + "router: {top_k: 2}\n")
+    torch.manual_seed(9)
+    layer = stored.MoELayer()
+    a, b = layer.groups["a"], layer.groups["b"]
+    assert a.w_gate_up_E2FH.dtype == a.w_down_EHF.dtype == torch.bfloat16
+    assert b.w_gate_up_E2FH.dtype == torch.float32
+    ref = plain.MoELayer()
+    ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    x = torch.randn(9, 24)
+    want = ref(x)
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5, msg=backend)
+    layer.backend = "torch"
+    layer(x).square().sum().backward()
+    assert a.w_gate_up_E2FH.grad.dtype == torch.bfloat16
+    groups = {g["name"]: g for g in stored.PLAN["groups"]}
+    assert groups["a"]["bytes_per_param"] == 2 and groups["b"]["bytes_per_param"] == 4
+
+
+def test_groups_default_to_the_layer_dtype_and_the_shared_expert_keeps_it():
+    from moec.errors import SpecError
+    from moec.spec import load_spec_text
+
+    spec = load_spec_text(BASE + "shared: {ffn: 8}\n")[0]
+    assert [g.dtype for g in spec.experts] == ["fp32", "fp32"] and spec.shared.dtype == "fp32"
+    bf16 = load_spec_text(BASE.replace("dtype: fp32", "dtype: bf16"))[0]
+    assert [g.dtype for g in bf16.experts] == ["bf16", "bf16"]
+    with pytest.raises(SpecError, match="shared.dtype"):
+        load_spec_text(BASE + "shared: {ffn: 8, dtype: int8}\n")

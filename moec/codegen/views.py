@@ -55,11 +55,15 @@ def mlp_view(mlp: MLP) -> dict:
     }
 
 
-def group_view(g: GroupPlan, mlp: MLP, h: int, sharded: bool) -> dict:
+def group_view(g: GroupPlan, mlp: MLP, h: int, sharded: bool, layer_dtype: str) -> dict:
     """A group's weights are allocated for ``n`` held experts of width ``f`` (the whole group's
-    COUNT and FFN unless the layer is sharded); shapes are Python expressions over n and f."""
+    COUNT and FFN unless the layer is sharded); shapes are Python expressions over n and f.
+
+    A float group whose dtype is not the layer's keeps its weights in that dtype (``stored``) and
+    computes in the layer's, as the quantised groups do."""
     glu = g.kind == "glu"
     quantized = g.dtype in QUANTIZED
+    stored = TORCH_DTYPES[g.dtype] if not quantized and g.dtype != layer_dtype else None
     int4 = g.dtype == "int4"
     rows = "2 * f" if glu else "f"
     first = {
@@ -107,7 +111,8 @@ def group_view(g: GroupPlan, mlp: MLP, h: int, sharded: bool) -> dict:
         "dtype": g.dtype,
         "quantized": quantized,
         "qdtype": QUANTIZED.get(g.dtype),
-        "storage": g.dtype if quantized else "float",
+        "stored": stored,
+        "storage": g.dtype if quantized or stored else "float",
         "weights": weights,
         "biases": biases,
         "full": full,
@@ -382,7 +387,8 @@ def package_context(spec: Spec, plan: Plan) -> dict:
     expert_in = plan.dims.expert_in
     sharded = plan.mesh.expert_tp > 1
     groups = [
-        group_view(g, m, expert_in, sharded) for g, m in zip(plan.groups, spec.experts, strict=True)
+        group_view(g, m, expert_in, sharded, spec.dtype)
+        for g, m in zip(plan.groups, spec.experts, strict=True)
     ]
     for group, mlp in zip(groups, spec.experts, strict=True):
         group["kernel"] = group["name"] in plan.kernels.expert_kernel_groups
@@ -399,6 +405,7 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         "r": router,
         "any_loss": router["any_loss"],
         "any_quantized": any(g["quantized"] for g in groups),
+        "any_stored": any(g["stored"] for g in groups),
         "weight_on_input": spec.weight_on == "input",
         "expert_in": expert_in,
         "distributed": distributed,

@@ -65,6 +65,12 @@ def experts_rules(spec: Spec) -> Iterator[Problem]:
             yield ("experts", i, "ffn"), message, None
     if spec.shared is not None:
         yield from _mlp_rules(spec.shared, ("shared",))
+        if spec.shared.dtype != spec.dtype:
+            message = (
+                f"the shared expert's weights are kept in the layer's dtype ({spec.dtype}); "
+                f"other precisions are for expert groups (got {spec.shared.dtype})"
+            )
+            yield ("shared", "dtype"), message, f"remove it or set it to {spec.dtype}"
     width, path = (
         (spec.latent.dim, ("latent", "dim")) if spec.latent else (spec.hidden, ("hidden",))
     )

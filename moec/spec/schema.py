@@ -15,7 +15,7 @@ The vocabulary covers every MoE block in Hugging Face transformers (see HF_MOE_S
 from __future__ import annotations
 
 import keyword
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -63,7 +63,7 @@ class MLP(Strict):
     gate_softcap: PosFloat | None = None
     up_softcap: PosFloat | None = None
     bias: bool = False
-    dtype: WeightDtype = "bf16"
+    dtype: WeightDtype | None = None  # how the weights are stored; None: the layer's dtype
 
 
 class ExpertGroup(MLP):
@@ -274,6 +274,30 @@ class Spec(Strict):
     kernels: Kernels = Kernels()
     checkpoint: Checkpoint = Checkpoint()
     source: Source = Source()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_in_the_layer_dtype_by_default(cls, data):
+        """A group or shared expert without a ``dtype`` stores its weights in the layer's."""
+        if not isinstance(data, dict):
+            return data
+        layer = data.get("dtype", cls.model_fields["dtype"].default)
+        if layer not in get_args(ActDtype):  # the layer's own error says what is wrong
+            return data
+
+        def filled(mlp):
+            if isinstance(mlp, dict) and mlp.get("dtype") is None:
+                return {**mlp, "dtype": layer}
+            if isinstance(mlp, MLP) and mlp.dtype is None:
+                return mlp.model_copy(update={"dtype": layer})
+            return mlp
+
+        data = dict(data)
+        if isinstance(data.get("experts"), list | tuple):
+            data["experts"] = type(data["experts"])(filled(g) for g in data["experts"])
+        if data.get("shared") is not None:
+            data["shared"] = filled(data["shared"])
+        return data
 
     @property
     def num_experts(self) -> int:
