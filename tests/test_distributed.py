@@ -117,7 +117,21 @@ CONFIGS = {
         "parallel: {dp: 4, ep: 2, expert_tp: 2}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
         "comm: {dispatch: hierarchical, chunks: 2}\n"
     ),
+    # the float32 layer's rows cross in bf16 (comm.wire_dtype), both ways
+    "wire_bf16_chunks2": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "comm: {dispatch: all_to_all, chunks: 2, wire_dtype: bf16}\n"
+    ),
+    "wire_bf16_hierarchical": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {nodes: 2, gpus_per_node: 2, gpu: cpu}\n"
+        "comm: {dispatch: hierarchical, wire_dtype: bf16}\n"
+    ),
+    "wire_bf16_all_gather": (
+        "parallel: {dp: 4, ep: 4}\ncluster: {gpus_per_node: 4, gpu: cpu}\n"
+        "comm: {dispatch: all_gather, wire_dtype: bf16}\n"
+    ),
 }
+WIRE = {name: torch.bfloat16 for name in CONFIGS if name.startswith("wire_bf16")}
 # the sharded layer through the Triton kernels (under TRITON_INTERPRET=1, as the whole CPU test
 # run) against the single-process layer in plain torch: the experts custom op, its kept
 # pre-activations and grouped-GEMM backward on every rank's shard
@@ -151,6 +165,7 @@ CHUNKS = {
     "chunks3_hierarchical": 3,
     "chunks2_top3_replicas_hierarchical": 2,
     "chunks2_expert_tp2_hierarchical": 2,
+    "wire_bf16_chunks2": 2,
 }
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
@@ -194,7 +209,8 @@ def _check(pkg, rank: int, name: str) -> None:
         xr = x.clone().requires_grad_()
         if label == "sharded":
             with _schedule_log(layer) as log, _dispatch_log(layer.dispatcher) as dispatched:
-                y = layer(xr)
+                with _wire_log() as wire:
+                    y = layer(xr)
         else:
             y = layer(xr)
         (y * g).sum().backward()
@@ -210,11 +226,14 @@ def _check(pkg, rank: int, name: str) -> None:
         assert rows == pairs, (name, "rows sent", rows, "(token, destination) pairs", pairs)
         if TOP_K.get(name, 2) >= 3:
             assert pairs < slots, (name, "no token has 2 slots on one destination")
+    # rows of activations (H = 16 columns) on the wire: in the layer's float32, or comm.wire_dtype
+    assert wire and wire == {WIRE.get(name, torch.float32)}, (name, wire)
+    tol = 3e-2 if name in WIRE else 1e-5  # bf16 rows: rounded once each way
     torch.testing.assert_close(
-        outs["sharded"][0], outs["full"][0], atol=1e-5, rtol=1e-5, msg=f"{name} y"
+        outs["sharded"][0], outs["full"][0], atol=tol, rtol=tol, msg=f"{name} y"
     )
     torch.testing.assert_close(
-        outs["sharded"][1], outs["full"][1], atol=1e-5, rtol=1e-5, msg=f"{name} dx"
+        outs["sharded"][1], outs["full"][1], atol=tol, rtol=tol, msg=f"{name} dx"
     )
     # expert weights: the sharded copy sees the tokens of its whole ep group, the full layer only ours
     for group_name, group in sharded.groups.items():
@@ -232,8 +251,34 @@ def _check(pkg, rank: int, name: str) -> None:
         got = group.w_down_EHF.grad
         got = torch.zeros_like(want) if got is None else got
         torch.testing.assert_close(
-            got, want, atol=1e-4, rtol=1e-4, msg=f"{name} {group_name} dW_down"
+            got, want, atol=max(tol, 1e-4), rtol=max(tol, 1e-4), msg=f"{name} {group_name} dW_down"
         )
+
+
+@contextlib.contextmanager
+def _wire_log():
+    """The dtypes of the rows of activations (16 wide: the tests' hidden size) that the
+    all-to-alls and all-gathers made inside send."""
+    seen = set()
+    real_all_to_all, real_all_gather = dist.all_to_all_single, dist.all_gather
+
+    def note(t):
+        if t.dim() == 2 and t.shape[1] == 16 and t.is_floating_point():
+            seen.add(t.dtype)
+
+    def all_to_all(output, input, *args, **kwargs):
+        note(input)
+        return real_all_to_all(output, input, *args, **kwargs)
+
+    def all_gather(tensors, tensor, *args, **kwargs):
+        note(tensor)
+        return real_all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_to_all_single, dist.all_gather = all_to_all, all_gather
+    try:
+        yield seen
+    finally:
+        dist.all_to_all_single, dist.all_gather = real_all_to_all, real_all_gather
 
 
 @contextlib.contextmanager

@@ -277,3 +277,13 @@ def test_groups_default_to_the_layer_dtype_and_the_shared_expert_keeps_it():
     assert [g.dtype for g in bf16.experts] == ["bf16", "bf16"]
     with pytest.raises(SpecError, match="shared.dtype"):
         load_spec_text(BASE + "shared: {ffn: 8, dtype: int8}\n")
+
+
+def test_rows_go_on_the_wire_in_the_layer_dtype_unless_asked():
+    from moec.errors import SpecError
+    from moec.spec import load_spec_text
+
+    assert load_spec_text(BASE)[0].comm.wire_dtype == "fp32"
+    assert load_spec_text(BASE + "comm: {wire_dtype: bf16}\n")[0].comm.wire_dtype == "bf16"
+    with pytest.raises(SpecError, match="comm.wire_dtype"):
+        load_spec_text(BASE + "comm: {wire_dtype: fp8}\n")

@@ -416,6 +416,10 @@ def package_context(spec: Spec, plan: Plan) -> dict:
         "expert_tp": plan.mesh.expert_tp,
         "world": plan.mesh.world,
         "dispatch": plan.comm.dispatch if plan.comm else "local",
+        # routed rows travel in the activations' dtype unless the spec asks for another
+        "wire_dtype": (
+            TORCH_DTYPES[spec.comm.wire_dtype] if spec.comm.wire_dtype != spec.dtype else None
+        ),
         **layer_view(spec, plan, groups, shared),
         **weights_view(spec, plan),
         **kernels_view(spec, plan),

@@ -192,6 +192,9 @@ def parallel_rules(spec: Spec) -> Iterator[Problem]:
     if spec.layers.first >= spec.layers.count:
         message = f"must be below layers.count={spec.layers.count} (got {spec.layers.first})"
         yield ("layers", "first"), message, None
+    if spec.comm.wire_dtype == "fp8":
+        message = "fp8 rows need per-row scales, which the generated runtime does not send yet"
+        yield ("comm", "wire_dtype"), message, "use bf16 (or the layer's dtype: leave it out)"
 
 
 def placement_rules(spec: Spec) -> Iterator[Problem]:

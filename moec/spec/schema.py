@@ -203,7 +203,8 @@ class Comm(Strict):
     dispatch: Literal["auto", "all_to_all", "hierarchical", "all_gather"] = "auto"
     # token chunks of the all-to-all pipeline; each chunk pays the latency and re-reads weights
     chunks: Literal["auto"] | Annotated[int, Field(gt=0, le=64)] = "auto"
-    wire_dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
+    # the dtype of the routed rows on the wire (dispatch and combine); None: the layer's dtype
+    wire_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
 
 
 class Workload(Strict):
@@ -277,8 +278,9 @@ class Spec(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _weights_in_the_layer_dtype_by_default(cls, data):
-        """A group or shared expert without a ``dtype`` stores its weights in the layer's."""
+    def _layer_dtype_by_default(cls, data):
+        """A group or shared expert without a ``dtype`` stores its weights in the layer's, and
+        rows go on the wire in it unless ``comm.wire_dtype`` says otherwise."""
         if not isinstance(data, dict):
             return data
         layer = data.get("dtype", cls.model_fields["dtype"].default)
@@ -297,6 +299,11 @@ class Spec(Strict):
             data["experts"] = type(data["experts"])(filled(g) for g in data["experts"])
         if data.get("shared") is not None:
             data["shared"] = filled(data["shared"])
+        comm = data.get("comm")
+        if comm is None or (isinstance(comm, dict) and comm.get("wire_dtype") is None):
+            data["comm"] = {**(comm or {}), "wire_dtype": layer}
+        elif isinstance(comm, Comm) and comm.wire_dtype is None:
+            data["comm"] = comm.model_copy(update={"wire_dtype": layer})
         return data
 
     @property
