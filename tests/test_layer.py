@@ -287,3 +287,34 @@ def test_rows_go_on_the_wire_in_the_layer_dtype_unless_asked():
     assert load_spec_text(BASE + "comm: {wire_dtype: bf16}\n")[0].comm.wire_dtype == "bf16"
     with pytest.raises(SpecError, match="comm.wire_dtype"):
         load_spec_text(BASE + "comm: {wire_dtype: fp8}\n")
+
+
+def test_launch_run_py_commands_on_cpu(tmp_path):
+    """The generated launch/run.py in one process: smoke, train and bench run; bad --tokens is a
+    usage error (exit 2) that names the option."""
+    import subprocess
+    import sys
+
+    from moec.codegen import generate
+    from moec.spec import load_spec_text
+    from tests.genutil import write_files
+
+    spec = load_spec_text(BASE + "router: {top_k: 2}\nbalance: {aux_loss: 0.01}\n")[0]
+    run_py = write_files(generate(spec), tmp_path / "t") / "launch" / "run.py"
+
+    def run(*args):
+        done = subprocess.run([sys.executable, str(run_py), *args], capture_output=True, text=True)
+        return done.returncode, done.stdout + done.stderr
+
+    code, out = run("smoke", "--tokens", "6")
+    assert code == 0 and "smoke     ok" in out, out
+    for args in (
+        ("train", "--tokens", "8", "--steps", "2"),
+        ("bench", "--tokens", "8", "--repeat", "1"),
+    ):
+        code, out = run(*args)
+        assert code == 0, (args, out)
+    code, out = run("smoke", "--tokens", "3")
+    assert code == 2 and "--tokens must be even (got 3)" in out, out
+    code, out = run("bench", "--tokens", "0")
+    assert code == 2 and "--tokens must be at least 1 (got 0)" in out, out
