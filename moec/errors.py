@@ -3,8 +3,8 @@
 A user mistake is a ``SpecError``: it carries one or more ``Diagnostic`` records, each pointing at a YAML
 file, line and column and naming the field path, and prints without a traceback:
 
-    specs/x.yaml:14:5: error: experts[1].ffn: must be a multiple of 8 (got 1000)
-      hint: round it to 1000 -> 1000
+    specs/x.yaml:5:24: error: router.top_k: switch routing is top-1 (got 2)
+      hint: set top_k: 1
 """
 
 from __future__ import annotations

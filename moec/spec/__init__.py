@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from moec.spec.checks import problems
 from moec.spec.loader import SourceMap, load_file, load_text
 from moec.spec.schema import Spec
 
-__all__ = ["Spec", "SourceMap", "load_spec", "parse_spec", "spec_hash", "spec_to_data"]
+__all__ = [
+    "Spec",
+    "SourceMap",
+    "load_spec",
+    "parse_spec",
+    "spec_hash",
+    "spec_to_data",
+]
 
 
 def parse_spec(data: Any, source: SourceMap) -> Spec:
@@ -26,7 +34,7 @@ def parse_spec(data: Any, source: SourceMap) -> Spec:
     except ValidationError as exc:
         grouped: dict[tuple, list[dict]] = {}
         for err in exc.errors():  # a union reports once per member: one diagnostic per field
-            grouped.setdefault(_real_path(err["loc"], data), []).append(err)
+            grouped.setdefault(_real_path(err, data), []).append(err)
         diagnostics = {}
         for errs in grouped.values():
             diag = _diagnostic(errs, source, data)
@@ -90,17 +98,18 @@ _FRIENDLY = {
 }
 
 
-def _real_path(loc: tuple, data) -> tuple:
+def _real_path(err: dict, data) -> tuple:
     """Pydantic adds union members to error paths (e.g. 'GpuProfile', 'literal[...]'); the user wrote
-    neither, so keep only the parts that are keys or indices of the document (or the final missing key).
+    neither, so keep only the parts that are keys or indices of the document (or the missing key).
     """
+    loc = err["loc"]
     path, node = [], data
     for i, part in enumerate(loc):
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node):
             node = node[part]
-        elif i == len(loc) - 1 and isinstance(node, dict):
+        elif i == len(loc) - 1 and isinstance(node, dict) and err["type"] == "missing":
             pass  # a missing field: name it
         else:
             continue
@@ -111,16 +120,43 @@ def _real_path(loc: tuple, data) -> tuple:
 def _message(err: dict) -> str:
     kind = err["type"]
     message = _FRIENDLY.get(kind, err["msg"])
-    if kind.startswith(("greater_than", "less_than", "literal_error", "too_", "value_error")):
+    if kind in ("too_short", "too_long"):
+        limit = err["ctx"]["min_length" if kind == "too_short" else "max_length"]
+        items = "item" if limit == 1 else "items"
+        least = "least" if kind == "too_short" else "most"
+        return f"must have at {least} {limit} {items} (got {err['ctx']['actual_length']})"
+    if kind.startswith(("greater_than", "less_than", "literal_error", "value_error")):
         message = err["msg"].removeprefix("Value error, ")
         message = message[0].lower() + message[1:]
     return message
 
 
+def _quote_hint(errs: list[dict], path: tuple, source: SourceMap) -> str | None:
+    """YAML reads ``no`` as false and ``0`` as a number; where the field wanted that word as text
+    (a string, or one of a literal's values), say to quote it."""
+    got = errs[0].get("input")
+    if not isinstance(got, (bool, int, float)):
+        return None
+    options = [
+        word
+        for err in errs
+        if err["type"] == "literal_error"
+        for word in re.findall(r"'([^']*)'", err["ctx"]["expected"])
+    ]
+    if isinstance(got, bool):
+        word, what = source.booleans.get(path, str(got).lower()), f"the boolean {str(got).lower()}"
+        wanted = word in options or any(err["type"] == "string_type" for err in errs)
+    else:
+        word, what = str(got), "a number"
+        wanted = word in options
+    key = path[-1] if path and isinstance(path[-1], str) else "value"
+    return f'YAML reads {word} as {what}; quote it: {key}: "{word}"' if wanted else None
+
+
 def _diagnostic(errs: list[dict], source: SourceMap, data):
     """One diagnostic for the errors of one field (several for a union: each member's, joined)."""
     err = errs[0]
-    path = _real_path(err["loc"], data)
+    path = _real_path(err, data)
     kind = err["type"]
     message = " or ".join(dict.fromkeys(_message(e) for e in errs))
     got = err.get("input")
@@ -129,6 +165,8 @@ def _diagnostic(errs: list[dict], source: SourceMap, data):
         hint = _suggest(path, source)
     elif kind != "missing" and not isinstance(got, (dict, tuple, list)):
         message += f" (got {got!r})"
+        if kind != "bool_type":
+            hint = _quote_hint(errs, path, source)
     return source.diagnostic(path, message, hint)
 
 

@@ -6,6 +6,7 @@ the YAML. Rules are plain functions listed in ``RULES`` so each reads on its own
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 from moec.spec.schema import MLP, Spec
@@ -209,7 +210,21 @@ def placement_rules(spec: Spec) -> Iterator[Problem]:
         yield ("placement", "strategy"), "affinity placement needs more than one node", None
 
 
+# The generated package is imported by its name: one named after a module it (or its user) needs
+# would hide that module, or be hidden by it. Python's own modules, and what the package imports.
+SHADOWED = frozenset(sys.stdlib_module_names) | {"torch", "triton", "numpy", "safetensors"}
+
+
+def name_rules(spec: Spec) -> Iterator[Problem]:
+    if spec.name in SHADOWED:
+        message = (
+            f"must not be the name of a Python module the package would shadow (got {spec.name!r})"
+        )
+        yield ("name",), message, f"pick another name, e.g. {spec.name}_moe"
+
+
 RULES = (
+    name_rules,
     experts_rules,
     router_rules,
     capacity_rules,

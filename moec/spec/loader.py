@@ -24,10 +24,12 @@ Path_ = tuple[str | int, ...]
 
 @dataclass(frozen=True)
 class SourceMap:
-    """Where each field path of a loaded document sits in its file (1-based line and column)."""
+    """Where each field path of a loaded document sits in its file (1-based line and column), and
+    the words YAML read as booleans (``no``, ``on``), so a message can say how to quote them."""
 
     file: str
     positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    booleans: dict[Path_, str] = field(default_factory=dict)
 
     def locate(self, path: Path_) -> tuple[int, int]:
         """The position of ``path``, or of its nearest ancestor that has one."""
@@ -49,6 +51,13 @@ def format_path(path: Path_) -> str:
     return text
 
 
+def parse_path(text: str) -> Path_:
+    """ "experts[1].ffn" -> ("experts", 1, "ffn") (the inverse of ``format_path``)."""
+    return tuple(
+        int(index) if index else key for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", text)
+    )
+
+
 def load_text(text: str, file: str = "<spec>") -> tuple[Any, SourceMap]:
     """Parse YAML text into plain Python data plus its source map; raise ``SpecError`` on bad YAML."""
     if len(text.encode()) > MAX_SPEC_BYTES:
@@ -61,12 +70,12 @@ def load_text(text: str, file: str = "<spec>") -> tuple[Any, SourceMap]:
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([Diagnostic("", f"invalid YAML: {problem}", file, line, col)]) from None
-    positions: dict[Path_, tuple[int, int]] = {}
+    source = SourceMap(file)
     errors: list[Diagnostic] = []
-    data = _to_python(node, (), positions, errors, file) if node is not None else None
+    data = _to_python(node, (), source, errors) if node is not None else None
     if errors:
         raise SpecError(errors)
-    return data, SourceMap(file, positions)
+    return data, source
 
 
 def load_file(path: str | Path) -> tuple[Any, SourceMap]:
@@ -84,7 +93,8 @@ def load_file(path: str | Path) -> tuple[Any, SourceMap]:
     return load_text(text, str(path))
 
 
-def _to_python(node, path: Path_, positions, errors: list[Diagnostic], file: str) -> Any:
+def _to_python(node, path: Path_, source: SourceMap, errors: list[Diagnostic]) -> Any:
+    positions, file = source.positions, source.file
     positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
 
     def fail(message: str, where=node) -> None:
@@ -109,7 +119,7 @@ def _to_python(node, path: Path_, positions, errors: list[Diagnostic], file: str
                     )
                 )
                 continue
-            out[key] = _to_python(value_node, path + (key,), positions, errors, file)
+            out[key] = _to_python(value_node, path + (key,), source, errors)
             # Point errors about a field at its key, where a reader looks first.
             positions[path + (key,)] = (
                 key_node.start_mark.line + 1,
@@ -117,11 +127,12 @@ def _to_python(node, path: Path_, positions, errors: list[Diagnostic], file: str
             )
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [
-            _to_python(v, path + (i,), positions, errors, file) for i, v in enumerate(node.value)
-        ]
+        return [_to_python(v, path + (i,), source, errors) for i, v in enumerate(node.value)]
     if node.tag in _PLAIN_TAGS:
-        return _scalar(node)
+        value = _scalar(node)
+        if isinstance(value, bool):
+            source.booleans[path] = node.value
+        return value
     fail(f"YAML tags are not allowed in a spec (got {node.tag})")
     return None
 
