@@ -20,6 +20,7 @@ from moec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_WOULD_CHANGE, M
 
 def cmd_build(args) -> int:
     from moec.codegen import build_files, writer
+    from moec.spec import located_in
 
     specs = [Path(p) for p in args.specs]
     if args.output and len(specs) > 1:
@@ -29,7 +30,8 @@ def cmd_build(args) -> int:
     status = EXIT_OK
     for spec_path in specs:
         start = time.perf_counter()
-        spec, out, files = build_files(spec_path, args.output, args.out_dir)
+        with located_in(spec_path):
+            spec, out, files = build_files(spec_path, args.output, args.out_dir)
         if args.check or args.diff:
             if args.diff:
                 sys.stdout.write(writer.diff(out, files))
@@ -45,11 +47,9 @@ def cmd_build(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from moec.plan import run_passes
-    from moec.spec import load_spec
+    from moec.plan import plan_file
 
-    spec, _ = load_spec(args.spec)
-    plan = run_passes(spec, Path(args.spec).parent)
+    spec, plan = plan_file(args.spec)
     if args.json:
         sys.stdout.write(plan.to_json())
         return EXIT_OK
@@ -77,15 +77,15 @@ def _print_sections(title: str, parts: list[dict]) -> None:
 
 
 def cmd_check(args) -> int:
-    from moec.errors import SpecError
-    from moec.spec import load_spec
+    """Validate and plan each spec (what a build would reject, without rendering or writing)."""
+    from moec.plan import plan_file
 
     failed = []
     for path in args.specs:
         try:
-            load_spec(path)
+            plan_file(path)
             print(f"{path}: ok", file=sys.stderr)
-        except SpecError as exc:
+        except MoecError as exc:
             print(exc.render(), file=sys.stderr)
             failed.append(path)
     return EXIT_USAGE if failed else EXIT_OK
@@ -120,13 +120,15 @@ def cmd_trace(args) -> int:
     import tempfile
 
     from moec.codegen import build_files, writer
+    from moec.spec import located_in
 
     script = Path(__file__).resolve().parent / "runtime" / "trace_layer.py"
     with tempfile.TemporaryDirectory(prefix="moec-trace-") as tmp:
         if args.package:
             package = Path(args.package)
         else:
-            spec, _, files = build_files(args.spec)
+            with located_in(args.spec):
+                spec, _, files = build_files(args.spec)
             package = Path(tmp) / spec.name
             writer.write_package(package, files)
         command = [args.python, str(script), str(package), "-o", args.output]
@@ -169,7 +171,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the machine-readable plan")
     pl.set_defaults(func=cmd_plan)
 
-    c = sub.add_parser("check", help="validate specs only")
+    c = sub.add_parser(
+        "check", help="validate and plan specs (what build rejects), writing nothing"
+    )
     c.add_argument("specs", nargs="+")
     c.set_defaults(func=cmd_check)
 

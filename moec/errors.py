@@ -5,6 +5,9 @@ file, line and column and naming the field path, and prints without a traceback:
 
     specs/x.yaml:5:24: error: router.top_k: switch routing is top-1 (got 2)
       hint: set top_k: 1
+
+A spec that parses but cannot be planned (a trace file that is missing, experts that do not fit the
+GPU) raises a ``FieldError`` naming the field; ``moec.spec.located_in`` points it at the YAML.
 """
 
 from __future__ import annotations
@@ -59,6 +62,15 @@ class SpecError(MoecError):
 
 class UsageError(MoecError):
     """A bad command line or input file that is not a spec (a trace, an HF config)."""
+
+
+class FieldError(MoecError):
+    """A spec that parses but cannot be planned; ``path`` names the spec field to change
+    (``placement.trace``, ``cluster.gpu.memory_gb``)."""
+
+    def __init__(self, path: str, message: str, hint: str | None = None):
+        self.path, self.message, self.hint = path, message, hint
+        super().__init__(f"{path}: {message}" + (f"\n  hint: {hint}" if hint else ""))
 
 
 class WriteConflict(MoecError):

@@ -85,13 +85,15 @@ def cmd_tune(args) -> int:
     """Build the spec's package in a temporary folder, run its tuner, validate and write the table."""
     from moec.codegen import build_files, writer
     from moec.plan.tuning import load_tuning
+    from moec.spec import located_in
 
     tokens = parse_tokens(args.tokens)
     spec_path = Path(args.spec)
     out = Path(args.output)
     preflight(args.python)
     with tempfile.TemporaryDirectory(prefix="moec-tune-") as tmp:
-        spec, _, files = build_files(spec_path)
+        with located_in(spec_path):
+            spec, _, files = build_files(spec_path)
         writer.write_package(Path(tmp) / spec.name, files)
         raw = Path(tmp) / "tuning.json"
         env = dict(

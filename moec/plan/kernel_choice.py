@@ -6,6 +6,7 @@ import bisect
 import dataclasses
 from pathlib import Path
 
+from moec.errors import FieldError, UsageError
 from moec.plan import tuning as tuning_mod
 from moec.plan.ir import KernelPlan, Plan
 from moec.spec import Spec
@@ -76,7 +77,10 @@ def choose_kernels(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan
     if spec.kernels.tuning is not None:
         source = spec.kernels.tuning
         path = (base_dir or Path(".")) / source
-        tuning = tuning_mod.load_tuning(path)
+        try:
+            tuning = tuning_mod.load_tuning(path)
+        except UsageError as exc:
+            raise FieldError("kernels.tuning", str(exc)) from None
         notes += _tuning_notes(spec, path, tuning, shapes)
     plan_kernels = KernelPlan(
         routing_kernel_covers(spec), groups, source, tuning, shapes, tuple(notes)

@@ -10,7 +10,7 @@ import heapq
 
 import numpy as np
 
-from moec.plan.placement_problem import PlacementError, PlacementProblem
+from moec.plan.placement_problem import MEMORY_FIELD, PlacementError, PlacementProblem
 
 
 def lpt_pack(problem, load_I, expert_I, ranks=None, load_G=None):
@@ -43,7 +43,7 @@ def lpt_pack(problem, load_I, expert_I, ranks=None, load_G=None):
             skipped.append((load, count, g))
         else:
             raise PlacementError(
-                "cluster.gpu.memory",
+                MEMORY_FIELD,
                 f"expert {e} ({bytes_E[e] / 2**30:.2f} GiB) fits on no rank under the memory cap",
                 hint="add ranks, lower placement.redundant, or quantise the experts",
             )

@@ -18,6 +18,7 @@ import numpy as np
 
 from moec.plan.packing import lpt_pack, replicate_slots
 from moec.plan.placement_problem import (
+    MEMORY_FIELD,
     LayerPlacement,
     Placement,
     PlacementError,
@@ -43,7 +44,7 @@ def place_uniform(problem: PlacementProblem) -> Placement:
         mem_G = np.bincount(slot_g, weights=np.asarray(problem.bytes_E), minlength=problem.ranks)
         if mem_G.max() > problem.mem_cap_bytes:
             raise PlacementError(
-                "cluster.gpu.memory",
+                MEMORY_FIELD,
                 f"rank {int(mem_G.argmax())} needs {mem_G.max() / 2**30:.2f} GiB for its "
                 f"contiguous block of experts; the cap is {problem.mem_cap_bytes / 2**30:.2f} GiB",
                 hint="use placement.strategy: balanced, or add ranks",

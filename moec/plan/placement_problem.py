@@ -16,17 +16,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.errors import FieldError
 from moec.plan.cost import PROFILES, ExpertShape, GpuProfile, token_cost_us
 from moec.plan.trace import Trace, coselection_EE
 
+# The field a memory cap comes from. A named GPU profile ("h100") has no such key in the spec:
+# ``place_experts`` then names ``cluster.gpu`` instead.
+MEMORY_FIELD = "cluster.gpu.memory_gb"
 
-class PlacementError(MoecError):
+
+class PlacementError(FieldError):
     """No placement satisfies the constraints; ``path`` names the spec field to change."""
-
-    def __init__(self, path: str, message: str, hint: str | None = None):
-        self.path, self.message, self.hint = path, message, hint
-        super().__init__(f"{path}: {message}" + (f"\n  hint: {hint}" if hint else ""))
 
 
 @dataclass(frozen=True)
@@ -210,9 +210,10 @@ def inter_node_fraction(problem, layer, slot_g, slot_e) -> float | None:
 def check_memory(problem: PlacementProblem, bytes_needed: float) -> None:
     cap = problem.mem_cap_bytes
     if cap is not None and bytes_needed > cap * problem.ranks:
+        ranks = "1 rank holds" if problem.ranks == 1 else f"{problem.ranks} ranks hold"
         raise PlacementError(
-            "cluster.gpu.memory",
-            f"experts need {bytes_needed / 2**30:.2f} GiB but {problem.ranks} ranks hold "
+            MEMORY_FIELD,
+            f"experts need {bytes_needed / 2**30:.2f} GiB but {ranks} "
             f"{cap * problem.ranks / 2**30:.2f} GiB ({cap / 2**30:.2f} GiB each)",
             hint="add ranks (parallel.ep), lower placement.redundant, or quantise the experts",
         )

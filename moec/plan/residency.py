@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from moec.errors import FieldError
 from moec.plan import cost, topology
 from moec.plan import trace as trace_mod
 from moec.plan.canonical import BYTES, expert_shapes, gpu_profile
 from moec.plan.ir import LayerPlacement, MemoryPlan, PlacementPlan, Plan
 from moec.plan.placement import place
-from moec.plan.placement_problem import PlacementError, make_problem
+from moec.plan.placement_problem import MEMORY_FIELD, PlacementError, make_problem
 from moec.spec import Spec
 
 
@@ -25,7 +26,10 @@ def _routing(spec: Spec, plan: Plan, base_dir: Path | None) -> tuple[trace_mod.T
         uniform = trace_mod.uniform_trace(plan.dims.experts, 1, tokens, plan.dims.top_k)
         return uniform, "uniform routing (no trace)"
     path = (base_dir or Path(".")) / spec.placement.trace
-    loaded = trace_mod.load_trace(path, num_experts=plan.dims.experts)
+    try:
+        loaded = trace_mod.load_trace(path, num_experts=plan.dims.experts)
+    except trace_mod.TraceError as exc:
+        raise FieldError("placement.trace", str(exc)) from None
     if len(loaded.layers) not in (1, len(plan.moe_layers)):
         raise PlacementError(
             "placement.trace",
@@ -55,7 +59,17 @@ def place_experts(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
         train=spec.workload.mode == "train",
         top_k=plan.dims.top_k,
     )
-    placed = place(problem, spec.placement.strategy)
+    try:
+        placed = place(problem, spec.placement.strategy)
+    except PlacementError as exc:
+        if exc.path != MEMORY_FIELD or not isinstance(spec.cluster.gpu, str):
+            raise
+        # a named profile: the spec has no memory_gb to point at, only the GPU's name
+        raise PlacementError(
+            "cluster.gpu",
+            f"{exc.message}; {spec.cluster.gpu}: {gpu.memory_gb:g} GB per GPU",
+            exc.hint,
+        ) from None
     layers = tuple(
         LayerPlacement(
             ranks=layer.ranks,

@@ -18,20 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moec.errors import MoecError
+from moec.errors import FieldError
 
 Groups = tuple[tuple[int, ...], ...]
 
 
-class TopologyError(MoecError):
+class TopologyError(FieldError):
     """A mesh that cannot be built; names the spec field (``parallel.ep``) that is wrong."""
-
-    def __init__(self, path: str, message: str, hint: str | None = None):
-        self.path = path
-        self.message = message
-        self.hint = hint
-        text = f"{path}: {message}" + (f"\n  hint: {hint}" if hint else "")
-        super().__init__(text)
 
 
 @dataclass(frozen=True)

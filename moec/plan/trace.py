@@ -23,12 +23,14 @@ from moec.errors import UsageError
 
 
 class TraceError(UsageError):
-    """A trace file that cannot be read; names the JSON path (``layers[2].pairs[5][1]``)."""
+    """A trace file that cannot be read; names the JSON path (``layers[2].pairs[5][1]``, or ``$``
+    for the whole file, which the message leaves out): ``t.json: layers[2].counts: ...``."""
 
     def __init__(self, source: str, path: str, message: str):
         self.source = source
         self.path = path
-        super().__init__(f"{source}: error: {path}: {message}")
+        where = source if path == "$" else f"{source}: {path}"
+        super().__init__(f"{where}: {message}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> Trace:
     try:
         obj = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise _fail(str(path), "$", f"cannot read file ({exc.strerror})") from None
+        raise _fail(str(path), "$", f"cannot read the file ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
         raise _fail(str(path), "$", f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
     return parse_trace(obj, str(path), num_experts)

@@ -31,8 +31,10 @@ def load_tuning(path: Path) -> Table:
     UsageError if bad."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the tuning table (kernels.tuning): {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the file ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     out = []
     for i, table in enumerate(_list(data, "tables", path)):
         where = f"{path}: tables[{i}]"

@@ -5,20 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from moec.errors import SpecError
+from moec.errors import FieldError, SpecError
 from moec.spec.checks import problems
-from moec.spec.loader import SourceMap, load_file, load_text
+from moec.spec.loader import SourceMap, load_file, load_text, parse_path
 from moec.spec.schema import Spec
 
 __all__ = [
     "Spec",
     "SourceMap",
     "load_spec",
+    "located_in",
     "parse_spec",
     "spec_hash",
     "spec_to_data",
@@ -62,6 +65,18 @@ def load_spec(path: str | Path) -> tuple[Spec, SourceMap]:
 def load_spec_text(text: str, file: str = "<spec>") -> tuple[Spec, SourceMap]:
     data, source = load_text(text, file)
     return parse_spec(data, source), source
+
+
+@contextmanager
+def located_in(spec_path: str | Path) -> Iterator[None]:
+    """Point a ``FieldError`` raised inside (by the planner: a missing trace, experts that do not
+    fit) at its field in the spec file, as a ``SpecError`` like every other spec mistake."""
+    try:
+        yield
+    except FieldError as exc:
+        _, source = load_file(spec_path)
+        diagnostic = source.diagnostic(parse_path(exc.path), exc.message, exc.hint)
+        raise SpecError([diagnostic]) from None
 
 
 def spec_to_data(spec: Spec) -> dict:
