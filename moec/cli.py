@@ -1,7 +1,8 @@
 """The ``moec`` command line.
 
-Exit codes (as black): 0 ok, 1 ``--check`` found the output would change, 2 bad spec or usage,
-123 internal error (a moec bug: the message says so and prints the spec hash).
+Exit codes (as black): 0 ok, 1 ``--check`` / ``--diff`` found the output would change, 2 bad spec,
+usage or an output that cannot be written, 123 internal error (a moec bug: the message says so and
+prints the spec hash).
 """
 
 from __future__ import annotations
@@ -15,35 +16,97 @@ import traceback
 from pathlib import Path
 
 from moec import __version__
-from moec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_WOULD_CHANGE, MoecError, UsageError
+from moec.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_WOULD_CHANGE,
+    MoecError,
+    UsageError,
+    WriteConflict,
+)
 
 
 def cmd_build(args) -> int:
-    from moec.codegen import build_files, writer
-    from moec.spec import located_in
+    """Validate and render every spec, then write (or --check / --diff) each package."""
+    from moec.codegen import writer
 
-    specs = [Path(p) for p in args.specs]
-    if args.output and len(specs) > 1:
+    if args.output and len(args.specs) > 1:
         raise UsageError(
             "-o/--output takes one spec; with several, packages go to <out-dir>/<name>"
         )
+    builds, bad = _render_all(args)
+    if bad:
+        if len(args.specs) > 1:
+            print(
+                f"error: {bad} of {len(args.specs)} specs have errors: nothing written",
+                file=sys.stderr,
+            )
+        return EXIT_USAGE
+    _refuse_shared_outputs(args.specs, builds)
     status = EXIT_OK
-    for spec_path in specs:
-        start = time.perf_counter()
-        with located_in(spec_path):
-            spec, out, files = build_files(spec_path, args.output, args.out_dir)
+    for spec, out, files, render_s in builds:
         if args.check or args.diff:
-            if args.diff:
-                sys.stdout.write(writer.diff(out, files))
-            result = writer.plan_write(out, files, force=True, prune=args.prune)
-            if result.changed or result.stale:
-                print(f"would change {out}: {result.summary()}", file=sys.stderr)
-                status = EXIT_WOULD_CHANGE
+            status = max(status, _check_one(out, files, args))
             continue
+        start = time.perf_counter()
         result = writer.write_package(out, files, force=args.force, prune=args.prune)
-        elapsed = time.perf_counter() - start
+        elapsed = render_s + time.perf_counter() - start
         print(f"{spec.name} -> {out}: {result.summary()} ({elapsed * 1e3:.0f} ms)", file=sys.stderr)
     return status
+
+
+def _render_all(args) -> tuple[list[tuple], int]:
+    """(spec, out, files, seconds) of every good spec, and how many were bad (each one reported)."""
+    from moec.codegen import build_files
+    from moec.spec import located_in
+
+    builds, bad = [], 0
+    for spec_path in args.specs:
+        start = time.perf_counter()
+        try:
+            with located_in(spec_path):
+                spec, out, files = build_files(spec_path, args.output, args.out_dir)
+        except MoecError as exc:
+            print(exc.render(), file=sys.stderr)
+            bad += 1
+            continue
+        builds.append((spec, out, files, time.perf_counter() - start))
+    return builds, bad
+
+
+def _refuse_shared_outputs(spec_paths: list[str], builds: list[tuple]) -> None:
+    """UsageError if two specs would write one package (the same name under --out-dir)."""
+    first: dict[str, str] = {}
+    for spec_path, (spec, out, _, _) in zip(spec_paths, builds, strict=True):
+        key = os.path.realpath(out)
+        if key in first:
+            raise UsageError(
+                f"{first[key]} and {spec_path} would both write {out} (name: {spec.name}): "
+                "nothing written; give the specs different names"
+            )
+        first[key] = spec_path
+
+
+def _check_one(out: Path, files: dict[str, bytes], args) -> int:
+    """--check / --diff of one package: what a build would do, without writing; 1 if it would
+    write or remove something, or refuse to."""
+    from moec.codegen import writer
+
+    if args.diff:
+        sys.stdout.write(writer.diff(out, files))
+    try:
+        result = writer.plan_write(out, files, force=args.force, prune=args.prune)
+    except WriteConflict as exc:
+        print(exc.text("would refuse to overwrite"), file=sys.stderr)
+        return EXIT_WOULD_CHANGE
+    if result.stale:  # a build without --prune keeps them: no difference
+        stale = ", ".join(result.stale)
+        print(f"{out}: no longer generated, kept (--prune removes them): {stale}", file=sys.stderr)
+    if not result.changed:
+        return EXIT_OK
+    print(f"{out}: {result.preview()}", file=sys.stderr)
+    return EXIT_WOULD_CHANGE
 
 
 def cmd_plan(args) -> int:
@@ -104,12 +167,10 @@ def cmd_import_hf(args) -> int:
     text = dump_spec_yaml(data, f"imported from {path.name} by moec import-hf")
     load_spec_text(text, str(args.output or "<stdout>"))  # never write a spec moec would reject
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-        print(f"{path} -> {out}", file=sys.stderr)
+        from moec.codegen.writer import write_file
+
+        write_file(Path(args.output), text.encode())
+        print(f"{path} -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -141,24 +202,51 @@ def cmd_trace(args) -> int:
             raise UsageError(f"cannot run {args.python}: {exc}") from None
 
 
+EXIT_CODES = """\
+exit codes:
+  0    ok
+  1    build --check / --diff: a build would change the package (or refuse to)
+  2    a bad spec, input file or command line, or an output that cannot be written
+  123  an internal error (a moec bug: the message says so and prints the spec hash)"""
+
+BUILD = """\
+Plan each spec and write its generated package: to -o, or to <out-dir>/<name>. The package is
+swapped into place whole, with a MANIFEST of what moec wrote; files that are not moec's are kept.
+
+Every spec is validated, planned and rendered before any package is written: if one has an error,
+each bad spec is reported and nothing is written. Two specs that would write the same package (the
+same name, without -o) are refused the same way."""
+
+
 def parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        prog="moec", description="A compiler for Mixture-of-Experts layers."
+        prog="moec",
+        description="A compiler for Mixture-of-Experts layers: YAML spec -> plan -> Python package.",
+        epilog=EXIT_CODES,
+        formatter_class=raw,
     )
     p.add_argument("--version", action="version", version=f"moec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="plan a spec and write its generated package")
-    b.add_argument("specs", nargs="+", help="spec YAML file(s)")
+    def command(name: str, summary: str, description: str | None = None):
+        return sub.add_parser(
+            name, help=summary, description=description or summary, formatter_class=raw
+        )
+
+    b = command("build", "plan specs and write their generated packages", BUILD)
+    b.add_argument("specs", nargs="+", metavar="SPEC", help="spec YAML file(s)")
     b.add_argument("-o", "--output", help="package directory (one spec); default <out-dir>/<name>")
     b.add_argument(
         "--out-dir", default="generated", help="where packages go without -o (default: generated)"
     )
     b.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 if the output would change"
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a build would change the output",
     )
     b.add_argument(
-        "--diff", action="store_true", help="write nothing; print the diff the build would make"
+        "--diff", action="store_true", help="write nothing; print the diff a build would make"
     )
     b.add_argument("--force", action="store_true", help="overwrite hand-edited or foreign files")
     b.add_argument(
@@ -166,50 +254,82 @@ def parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_build)
 
-    pl = sub.add_parser("plan", help="print the placement / communication / memory / cost plan")
-    pl.add_argument("spec")
-    pl.add_argument("--json", action="store_true", help="print the machine-readable plan")
+    pl = command(
+        "plan",
+        "print the placement / communication / memory / cost plan",
+        "Validate and plan a spec, and print the plan: expert groups, mesh, placement,\n"
+        "communication, memory per rank, predicted time and kernel calls.",
+    )
+    pl.add_argument("spec", metavar="SPEC", help="spec YAML file")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (plan.json)")
     pl.set_defaults(func=cmd_plan)
 
-    c = sub.add_parser(
-        "check", help="validate and plan specs (what build rejects), writing nothing"
+    c = command(
+        "check",
+        "validate and plan specs (what build rejects), writing nothing",
+        "Validate and plan each spec, as build does, without writing anything;\n"
+        "every spec is checked and each error reported.",
     )
-    c.add_argument("specs", nargs="+")
+    c.add_argument("specs", nargs="+", metavar="SPEC", help="spec YAML file(s)")
     c.set_defaults(func=cmd_check)
 
-    i = sub.add_parser("import-hf", help="write a spec from a Hugging Face config.json")
+    i = command(
+        "import-hf",
+        "write a spec from a Hugging Face config.json",
+        "Write a spec for the MoE layer of a Hugging Face config.json (the spec is validated first).",
+    )
     i.add_argument("config", help="path of a config.json")
     i.add_argument("-o", "--output", help="spec file to write (default: stdout)")
     i.add_argument("--name", help="spec name (default: from the model type)")
-    i.add_argument("--layer", type=int, help="which layer, for configs with per-layer values")
+    i.add_argument(
+        "--layer",
+        type=int,
+        help="decoder layer to import, 0-based (needed when the config's values differ per layer)",
+    )
     i.set_defaults(func=cmd_import_hf)
 
-    t = sub.add_parser(
-        "trace", help="record a routing trace (placement.trace) from the generated layer"
+    t = command(
+        "trace",
+        "record a routing trace (placement.trace) from the generated layer",
+        "Build the spec's package in a temporary folder (or use --package), run its layer on\n"
+        "hidden states and write the routing trace that placement.trace reads.",
     )
-    t.add_argument("spec")
+    t.add_argument("spec", metavar="SPEC", help="spec YAML file")
     t.add_argument("-o", "--output", required=True, help="trace JSON to write")
     t.add_argument("--package", help="use this generated package instead of building the spec")
     t.add_argument(
         "--inputs", help="torch.save'd hidden states [T, H] or [B, S, H] (default: random)"
     )
     t.add_argument("--weights", help="the layer's weights, as written by MoELayer.save_safetensors")
-    t.add_argument("--tokens", type=int, default=4096, help="random tokens when no --inputs")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument(
-        "--python", default=sys.executable, help="the Python (with torch) that runs the layer"
+        "--tokens", type=int, default=4096, help="random tokens when no --inputs (default: 4096)"
     )
-    t.set_defaults(func=cmd_trace)
+    t.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    t.add_argument(
+        "--python", help="the Python (with torch) that runs the layer (default: this one)"
+    )
+    t.set_defaults(func=cmd_trace, python=sys.executable)
 
     from moec.tune import cmd_tune
 
-    tu = sub.add_parser("tune", help="measure the expert GEMM tiles on this GPU (a tuning table)")
-    tu.add_argument("spec")
+    tu = command(
+        "tune",
+        "measure the expert GEMM tiles on this GPU (a tuning table)",
+        "On a GPU: build the spec's package in a temporary folder, time tile configurations for\n"
+        "its expert GEMMs and write the table that kernels.tuning reads.",
+    )
+    tu.add_argument("spec", metavar="SPEC", help="spec YAML file")
     tu.add_argument("-o", "--output", required=True, help="tuning JSON to write")
-    tu.add_argument("--tokens", default="16,256,4096,16384", help="token counts (table buckets)")
-    tu.add_argument("--rep-ms", type=int, default=25, help="timing budget per candidate (ms)")
-    tu.add_argument("--python", default=sys.executable, help="the Python (torch, triton) to run")
-    tu.set_defaults(func=cmd_tune)
+    tu.add_argument(
+        "--tokens",
+        default="16,256,4096,16384",
+        help="token counts, the table's buckets (default: 16,256,4096,16384)",
+    )
+    tu.add_argument(
+        "--rep-ms", type=int, default=25, help="timing budget per candidate in ms (default: 25)"
+    )
+    tu.add_argument("--python", help="the Python (torch, triton) to run (default: this one)")
+    tu.set_defaults(func=cmd_tune, python=sys.executable)
     return p
 
 

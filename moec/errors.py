@@ -7,7 +7,8 @@ file, line and column and naming the field path, and prints without a traceback:
       hint: set top_k: 1
 
 A spec that parses but cannot be planned (a trace file that is missing, experts that do not fit the
-GPU) raises a ``FieldError`` naming the field; ``moec.spec.located_in`` points it at the YAML.
+GPU) raises a ``FieldError`` naming the field; ``moec.spec.located_in`` points it at the YAML. A
+package that cannot be written raises a ``WriteError`` naming the path.
 """
 
 from __future__ import annotations
@@ -74,4 +75,22 @@ class FieldError(MoecError):
 
 
 class WriteConflict(MoecError):
-    """The writer refused to overwrite a hand-edited generated file."""
+    """The writer refused to overwrite hand-edited or foreign files (a line each: ``conflicts``)."""
+
+    hint = "move your edits into the spec, or pass --force to overwrite"
+
+    def __init__(self, conflicts: list[str]):
+        self.conflicts = conflicts
+        super().__init__(self.text("refusing to overwrite"))
+
+    def text(self, head: str) -> str:
+        """The conflicts under ``head`` ("refusing to overwrite", or --check's "would refuse ...")."""
+        return f"{head}:\n  " + "\n  ".join(self.conflicts) + f"\n  hint: {self.hint}"
+
+
+class WriteError(MoecError):
+    """The operating system refused a write (permissions, a file where a folder should be, ...)."""
+
+    def __init__(self, path, reason: str, action: str = "write"):
+        self.path = path
+        super().__init__(f"cannot {action} {path}: {reason}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,9 +106,7 @@ def cmd_tune(args) -> int:
             raise UsageError(f"the tuner exited with status {rc} (its messages are above)")
         load_tuning(raw)  # the table moec build will read: refuse to write one it would reject
         data = json.loads(raw.read_text())
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(raw, out.with_name(f".{out.name}.tmp"))
-        os.replace(out.with_name(f".{out.name}.tmp"), out)
+        writer.write_file(out, raw.read_bytes())
     print(f"{spec.name} -> {out}: {summary(data)}", file=sys.stderr)
     rel = Path(os.path.relpath(out.resolve(), spec_path.resolve().parent)).as_posix()
     print(
