@@ -185,6 +185,11 @@ def dump_spec_yaml(data: dict, header_comment: str) -> str:
     (plus name, hidden, experts and router), a comment header naming the source model type."""
     spec = parse_spec(data, SourceMap("<spec data>"))
     full = spec.model_dump(mode="json")
+    for mlp in (*full["experts"], full["shared"] or {}):  # the layer's dtype is their default
+        if mlp.get("dtype") == full["dtype"]:
+            mlp["dtype"] = None
+    if full["comm"]["wire_dtype"] == full["dtype"]:
+        full["comm"]["wire_dtype"] = None
     body = _prune(Spec, full, ALWAYS)
     lines = [f"# {line}".rstrip() for line in header_comment.strip().splitlines()]
     if spec.source.hf_model_type:
