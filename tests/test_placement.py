@@ -334,3 +334,23 @@ def test_deepseek_v3_scale_plan_is_fast():
     elapsed = time.perf_counter() - start
     assert plan.layers[0].slots == 288 and len(plan.layers) == 61
     assert elapsed < 5.0, f"2048-rank DeepSeek-V3 plan took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_placement_and_memory_count_training_state_alike(dtype):
+    """A rank's bytes in the placement (what packing keeps under the GPU's memory) are its expert
+    weights plus grads and optimizer state as the memory table counts them (grads in the layer's
+    dtype: 16 B/param for fp32, 14 for bf16, besides the weights)."""
+    from moec.plan import run_passes
+    from moec.spec import load_spec_text
+
+    spec = load_spec_text(
+        f"name: t\nhidden: 64\ndtype: {dtype}\nexperts: [{{count: 8, ffn: 32}}]\n"
+        "workload: {mode: train, tokens_per_rank: 64}\n"
+    )[0]
+    plan = run_passes(spec)
+    (per_rank,) = plan.placement.layers[0].memory
+    assert per_rank == pytest.approx(plan.memory.expert_weights + plan.memory.optimizer, rel=1e-6)
+    params = 8 * 3 * 64 * 32
+    grads = {"fp32": 4, "bf16": 2}[dtype]
+    assert plan.memory.optimizer == pytest.approx(params * (grads + 12), rel=1e-6)

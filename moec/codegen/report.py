@@ -74,7 +74,16 @@ def sections(spec: Spec, plan: Plan) -> list[dict]:
         out.append(
             {
                 "title": f"Placement ({plan.placement.strategy}, {plan.placement.source}; layer {plan.moe_layers[0]}: max/mean load {first.imbalance:.3f}, gap to bound {plan.placement.gap:.1%})",
-                "columns": ["ep rank", "experts", "expected expert µs", "expert weights"],
+                "columns": [
+                    "ep rank",
+                    "experts",
+                    "expected expert µs",
+                    (
+                        "expert weights + grads, optimizer"
+                        if spec.workload.mode == "train"
+                        else "expert weights"
+                    ),
+                ],
                 "rows": rows[:16]
                 + ([["…", f"{len(rows) - 16} more ranks", "", ""]] if len(rows) > 16 else []),
             }

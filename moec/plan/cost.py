@@ -403,6 +403,11 @@ class MemoryBreakdown:
         return self.states + self.activations
 
 
+# Per parameter in training, besides the weights and grads: two fp32 Adam moments and an fp32 master.
+ADAM_BYTES, MASTER_BYTES = 8.0, 4.0
+OPTIMIZER_BYTES = ADAM_BYTES + MASTER_BYTES
+
+
 def rank_memory(
     weight_bytes: float,
     params: float,
@@ -428,7 +433,6 @@ def rank_memory(
     buffers = 2.0 * (send_tokens + recv_tokens) * hidden * wire_bytes
     if train:
         acts = recv_tokens * (hidden + up + ffn) * act_bytes
-        return MemoryBreakdown(
-            weight_bytes, params * act_bytes, 8.0 * params, 4.0 * params, buffers, acts
-        )
+        grads, moments, master = act_bytes * params, ADAM_BYTES * params, MASTER_BYTES * params
+        return MemoryBreakdown(weight_bytes, grads, moments, master, buffers, acts)
     return MemoryBreakdown(weight_bytes, 0.0, 0.0, 0.0, buffers, recv_tokens * up * act_bytes)

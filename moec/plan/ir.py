@@ -72,7 +72,7 @@ class LayerPlacement:
     ranks: tuple[tuple[int, ...], ...]  # [ep rank] -> expert ids, ascending
     shares: tuple[tuple[float, ...], ...]  # [ep rank][i] -> share of expert ranks[g][i]'s tokens
     load_us: tuple[float, ...]  # expected expert compute per ep rank, µs per MoE layer forward
-    memory: tuple[int, ...]  # expert weight bytes per ep rank
+    memory: tuple[int, ...]  # expert weight bytes per ep rank (+ grads and optimizer state: train)
     imbalance: float  # max / mean of load_us
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moec.errors import FieldError
-from moec.plan.cost import PROFILES, ExpertShape, GpuProfile, token_cost_us
+from moec.plan.cost import OPTIMIZER_BYTES, PROFILES, ExpertShape, GpuProfile, token_cost_us
 from moec.plan.trace import Trace, coselection_EE
 
 # The field a memory cap comes from. A named GPU profile ("h100") has no such key in the spec:
@@ -74,16 +74,18 @@ def make_problem(
     mem_cap_bytes: float | None = None,
     train: bool = False,
     top_k: int = 2,
+    grad_bytes: float = 2.0,
 ) -> PlacementProblem:
     """Build a problem from a trace and the experts' shapes (one shape for all, or one per expert).
 
-    train: each copy also holds bf16 grads, two fp32 Adam moments and an fp32 master (14 B/param).
+    train: each copy also holds its grads (``grad_bytes`` per param: the activations' dtype), two
+    fp32 Adam moments and an fp32 master (``cost.OPTIMIZER_BYTES``), as ``cost.rank_memory`` counts.
     """
     num = trace.num_experts
     shapes_E = (shapes,) * num if isinstance(shapes, ExpertShape) else tuple(shapes)
     if len(shapes_E) != num:
         raise PlacementError("experts", f"{len(shapes_E)} expert shapes for a {num}-expert trace")
-    state = 14.0 if train else 0.0
+    state = grad_bytes + OPTIMIZER_BYTES if train else 0.0
     return PlacementProblem(
         tokens_LE=tuple(layer.counts_E for layer in trace.layers),
         cost_E=tuple(token_cost_us(s, gpu) for s in shapes_E),

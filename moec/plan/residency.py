@@ -58,6 +58,7 @@ def place_experts(spec: Spec, plan: Plan, base_dir: Path | None = None) -> Plan:
         / layers_per_stage,  # the rank's memory, split over its layers
         train=spec.workload.mode == "train",
         top_k=plan.dims.top_k,
+        grad_bytes=BYTES[spec.dtype],
     )
     try:
         placed = place(problem, spec.placement.strategy)
