@@ -169,7 +169,10 @@ def router_view(spec: Spec, plan: Plan) -> dict:
         "outputs": plan.dims.router_outputs,
         "experts": plan.dims.experts,
         "zero_experts": plan.dims.zero_experts,
-        "top_k": r.top_k,
+        # TOP_K: the k token choice selects and the standard aux loss counts. Sparsemixer selects
+        # two experts by construction, so there it is the loss's k alone (PhiMoE's HF loss counts
+        # num_experts_per_tok slots).
+        "top_k": bal.aux_loss_top_k or r.top_k,
         "slots": plan.dims.slots,
         "fp32": r.dtype == "fp32",
         "param_dtype": "torch.float32" if r.dtype == "fp32" else "dtype",

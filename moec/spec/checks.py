@@ -174,6 +174,26 @@ def balance_rules(spec: Spec) -> Iterator[Problem]:
         yield ("balance", "bias_update_rate"), message, "set router.selection_bias: scores"
     if b.aux_loss_type == "switch" and spec.router.kind not in ("switch",) and b.aux_loss:
         yield ("balance", "aux_loss_type"), "the switch aux loss is for top-1 switch routing", None
+    yield from _aux_top_k_rules(spec)
+
+
+def _aux_top_k_rules(spec: Spec) -> Iterator[Problem]:
+    b, r, path = spec.balance, spec.router, ("balance", "aux_loss_top_k")
+    k = b.aux_loss_top_k
+    if k is None:
+        return
+    if not b.aux_loss or b.aux_loss_type != "standard":
+        yield path, "only the standard aux loss counts top-k slots", "set balance.aux_loss > 0"
+    elif k != r.top_k and r.kind != "sparsemixer":
+        # the generated router counts the loss with the K it selects with; sparsemixer selects two
+        # experts by construction, so only there the loss may count another k
+        message = f"may differ from router.top_k ({r.top_k}) only with kind: sparsemixer (got {k})"
+        yield path, message, f"the standard loss counts the router's top-{r.top_k}: drop the key"
+    elif k > spec.num_experts:
+        yield path, f"must be at most the number of experts ({spec.num_experts}) (got {k})", None
+    elif k != r.top_k and b.seq_aux_loss:
+        message = f"the sequence-wise loss would count top-{k} too (router.top_k is {r.top_k})"
+        yield path, message, None
 
 
 def parallel_rules(spec: Spec) -> Iterator[Problem]:

@@ -144,6 +144,9 @@ class Balance(Strict):
 
     aux_loss: NonNegFloat = 0.0
     aux_loss_type: Literal["standard", "switch"] = "standard"
+    # k of the standard loss's top-k count; null: router.top_k (PhiMoE's HF loss counts
+    # num_experts_per_tok slots while its sparsemixer always routes two)
+    aux_loss_top_k: Annotated[int, Field(gt=0, le=256)] | None = None
     seq_aux_loss: NonNegFloat = 0.0
     z_loss: NonNegFloat = 0.0
     bias_update_rate: NonNegFloat = 0.0
