@@ -197,6 +197,30 @@ def test_every_tiny_case_imports():
         assert spec.source.hf_model_type, case.id
 
 
+# Model types whose transformers router computes F.linear(x, W) in the input dtype (no upcast before
+# the GEMM; read from modeling_<type>.py). Every other supported type upcasts x and W to fp32
+# (Switch: router_dtype, float32 by default).
+INPUT_DTYPE_ROUTERS = {
+    "mixtral", "minimax", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_vl_moe",
+    "qwen4_exp", "olmoe", "flex_olmo", "mellum", "jamba", "gpt_oss", "llama4",
+    "granitemoe", "jetmoe", "dbrx", "phimoe", "cohere2_moe", "aria", "mistral4", "deepseek_v4",
+    "minimax_m2", "minimax_m3_vl", "step3p7", "afmoe", "laguna", "lfm2_moe",
+}  # fmt: skip
+
+
+def test_router_dtype_follows_transformers():
+    """``router.dtype`` is where transformers runs the router GEMM, for every tiny case (the bf16
+    test in test_hf_equivalence.py checks one case per router family numerically)."""
+    pytest.importorskip("transformers")
+    from tests.hf_cases import CASES
+
+    assert INPUT_DTYPE_ROUTERS <= set(SUPPORTED_MODEL_TYPES)
+    for case in CASES:
+        spec = _spec(case.make_config().to_dict(), name=case.id, layer=case.layer)
+        expected = "input" if case.module in INPUT_DTYPE_ROUTERS else "fp32"
+        assert spec.router.dtype == expected, case.id
+
+
 def test_dump_writes_only_what_differs_from_defaults():
     text = real_yaml("mixtral_8x7b")
     assert text.startswith("# Mixtral-8x7B-v0.1")

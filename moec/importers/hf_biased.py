@@ -1,5 +1,9 @@
 """Builders for sigmoid routers with a selection bias but no groups (MiniMax-M2/M3, Step-3.7, AFMoE,
-HunYuan-V3, Laguna, LFM2, Kolibri, Flint) and LongCat-Flash's zero experts."""
+HunYuan-V3, Laguna, LFM2, Kolibri, Flint) and LongCat-Flash's zero experts.
+
+MiniMax-M2/M3, Step-3.7, AFMoE, Laguna and LFM2 compute the router GEMM in the input dtype
+(``router.dtype: input``); HunYuan-V3, Kolibri, Flint and LongCat upcast to fp32 (the default).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def minimax_m2(c: HFConfig) -> dict:
             "top_k": c.int("num_experts_per_tok", default=8),
             "selection_bias": "scores",
             "normalize": renorm(True),
+            "dtype": "input",  # F.linear(x.to(W.dtype), W); only the sigmoid runs in fp32
         },
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
         "layers": all_layers(c, "num_hidden_layers"),
@@ -53,6 +58,7 @@ def minimax_m3_vl(c: HFConfig) -> dict:
             "top_k": c.int("num_experts_per_tok", default=4),
             "selection_bias": "scores",
             "normalize": renorm(True),
+            "dtype": "input",
         },
         "routed_scale": c.float("routed_scaling_factor", default=2.0),
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
@@ -89,6 +95,7 @@ def step3p7(c: HFConfig) -> dict:
             "top_k": c.int("num_experts_per_tok", "moe_top_k", default=8),
             "selection_bias": "scores",
             "normalize": renorm(True),
+            "dtype": "input",
         },
         "routed_scale": c.float("moe_router_scaling_factor", default=1.0),
         "layers": mlp_types_layers(c, lambda: c.layers(moe, count, "moe_layers_enum")),
@@ -108,6 +115,7 @@ def afmoe(c: HFConfig) -> dict:
             "selection_bias": "scores",
             "normalize": renorm(True, V3_EPS),
             "scale": c.float("route_scale", default=1.0),
+            "dtype": "input",  # self.gate(x).to(float32): the GEMM in the input dtype
         },
         "layers": dense_first(c, "num_dense_layers", 1),
         "checkpoint": {"router_key": "router.gate", "bias_key": "expert_bias"},
@@ -149,6 +157,7 @@ def laguna(c: HFConfig) -> dict:
         "top_k": c.int("num_experts_per_tok", default=8),
         "selection_bias": "scores",
         "normalize": renorm(True),
+        "dtype": "input",  # F.linear(x, W).float(): the GEMM in the input dtype
     }
     if cap > 0:
         router["softcap"] = cap
@@ -171,6 +180,7 @@ def lfm2_moe(c: HFConfig) -> dict:
         "top_k": c.int("num_experts_per_tok", default=4),
         "normalize": renorm(c.bool("norm_topk_prob", default=True), 1e-6),
         "scale": c.float("routed_scaling_factor", default=1.0),
+        "dtype": "input",
     }
     if c.bool("use_expert_bias", default=True):
         router["selection_bias"] = "scores"

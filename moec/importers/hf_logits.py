@@ -1,5 +1,9 @@
 """Builders for routers that rank raw logits (gpt-oss, Llama 4, Granite, JetMoE, Cohere2, Aria) and
-the special ones: DBRX (p-norm), PhiMoE (sparsemixer) and Switch (top-1 with capacity)."""
+the special ones: DBRX (p-norm), PhiMoE (sparsemixer) and Switch (top-1 with capacity).
+
+All of these but the OpenAI privacy filter (fp32) and Switch (``router_dtype``) compute the router
+GEMM in the input dtype (``router.dtype: input``).
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ def llama4(c: HFConfig) -> dict:
             "score": "sigmoid",
             "top_k": c.int("num_experts_per_tok", default=1),
             "topk_on": "logits",
+            "dtype": "input",  # Llama4Router is an nn.Linear
         },
         "weight_on": "input",
         "layers": c.layers(moe, count, f"moe_layers / interleave_moe_layer_step={step}"),
@@ -64,7 +69,11 @@ def granitemoe(c: HFConfig) -> dict:
     """Granite-MoE: top-k on logits, softmax over the k (≡ Mixtral)."""
     return {
         "experts": group(c, c.int("intermediate_size"), c.int("num_local_experts")),
-        "router": {"top_k": c.int("num_experts_per_tok", default=2), "topk_on": "logits"},
+        "router": {
+            "top_k": c.int("num_experts_per_tok", default=2),
+            "topk_on": "logits",
+            "dtype": "input",  # F.linear(x, W).float(): the GEMM in the input dtype
+        },
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
         "layers": all_layers(c, "num_hidden_layers"),
         "checkpoint": {"layout": "granite"},
@@ -81,7 +90,11 @@ def jetmoe(c: HFConfig) -> dict:
             c.int("num_local_experts"),
             act=c.act("activation_function"),
         ),
-        "router": {"top_k": c.int("num_experts_per_tok", default=2), "topk_on": "logits"},
+        "router": {
+            "top_k": c.int("num_experts_per_tok", default=2),
+            "topk_on": "logits",
+            "dtype": "input",  # self.layer(x).float(): the GEMM in the input dtype
+        },
         "output_bias": True,
         "balance": {"aux_loss": c.float("aux_loss_coef", default=0.01)},
         "layers": all_layers(c, "num_hidden_layers"),
@@ -122,7 +135,12 @@ def phimoe(c: HFConfig) -> dict:
         raise c.refuse("router_jitter_noise = 0 makes sparsemixer a plain top-2 with weights 1.0")
     return {
         "experts": group(c, c.int("intermediate_size"), c.int("num_local_experts")),
-        "router": {"kind": "sparsemixer", "top_k": 2, "sparsemixer_eps": eps},
+        "router": {
+            "kind": "sparsemixer",
+            "top_k": 2,
+            "sparsemixer_eps": eps,
+            "dtype": "input",  # PhimoeTopKRouter is an nn.Linear
+        },
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
         "layers": all_layers(c, "num_hidden_layers"),
         "checkpoint": {"router_key": "router"},
@@ -176,7 +194,11 @@ def cohere2_moe(c: HFConfig) -> dict:
     """Cohere2-MoE: top-k on logits, then softmax over the k, or sigmoid of the k (+ flag renorm);
     shared experts summed, or averaged with the routed output: ``(routed + shared) / 2``."""
     fn = c.get("expert_selection_fn", default="softmax")
-    router: dict = {"top_k": c.int("num_experts_per_tok", default=2), "topk_on": "logits"}
+    router: dict = {
+        "top_k": c.int("num_experts_per_tok", default=2),
+        "topk_on": "logits",
+        "dtype": "input",
+    }
     if fn == "sigmoid":
         router.update(score="sigmoid", normalize=renorm(c.bool("norm_topk_prob", default=True)))
     elif fn != "softmax":

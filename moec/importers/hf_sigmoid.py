@@ -3,6 +3,9 @@ bias, optional group-limited routing, renormalisation with +1e-20 and a routed s
 
 The DeepSeek-V3 router forward is shared verbatim by many 5.23 blocks; they differ in config defaults,
 key spellings, the masked value of group routing and the experts' GLU. ``V3_ARCHS`` lists those.
+
+The V3 router computes its GEMM in fp32 (``F.linear(x.float(), W.float())``, the ``router.dtype``
+default), as do Nemotron-H, Beam and Inkling-2; Mistral-4 and DeepSeek-V4 run it in the input dtype.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Each builder reads the config the way transformers 5.23's modeling code does (th
 HF_MOE_SEMANTICS.md summarises it) and returns spec data for ``experts``, ``shared``, ``router`` and
 friends, plus ``_block`` (the HF module class, for provenance) and an optional ``_note``. Defaults are
 the 5.23 config-class defaults.
+
+Router GEMM precision: Mixtral, the Qwen family, OLMoE and Jamba run ``F.linear(x, W)`` in the input
+dtype (``router.dtype: input``); Ernie, HunYuan and DeepSeek-V2 upcast to fp32 (the default).
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ from moec.importers.hf_config import HFConfig
 
 
 def mixtral(c: HFConfig) -> dict:
-    """Mixtral / MiniMax: softmax over all experts (fp32), top-k, always renormalised (no flag)."""
+    """Mixtral / MiniMax: logits in the input dtype, softmax over all experts (fp32), top-k, always
+    renormalised (no flag)."""
     return {
         "experts": group(c, c.int("intermediate_size"), c.int("num_local_experts", "num_experts")),
-        "router": {"top_k": c.int("num_experts_per_tok", default=2), "normalize": renorm(True)},
+        "router": {
+            "top_k": c.int("num_experts_per_tok", default=2),
+            "normalize": renorm(True),
+            "dtype": "input",
+        },
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
         "layers": all_layers(c, "num_hidden_layers"),
         "_block": "MixtralSparseMoeBlock" if c.model_type == "mixtral" else "MiniMaxSparseMoeBlock",
@@ -33,7 +41,8 @@ def mixtral(c: HFConfig) -> dict:
 
 
 def hunyuan_v1_moe(c: HFConfig) -> dict:
-    """HunYuan-V1-MoE: Mixtral routing (fp32 router ``gate.wg``); shared MLP of width intermediate_size.
+    """HunYuan-V1-MoE: Mixtral routing (``gate.wg`` is built in fp32 and the input upcast, so the
+    router stays fp32); shared MLP of width intermediate_size.
 
     ``num_experts`` and ``moe_topk`` may be per-layer lists. HF uses ``intermediate_size`` for the experts
     and the shared MLP alike (a hub ``moe_intermediate_size`` is ignored by transformers).
@@ -53,9 +62,15 @@ def hunyuan_v1_moe(c: HFConfig) -> dict:
 
 
 def _qwen_like(c: HFConfig, *, norm: bool, ffn_key: str, gated_shared: bool, aux: float) -> dict:
+    """The Qwen2/3-MoE router (OLMoE, Mellum, ... too): logits ``F.linear(x, W)`` in the input
+    dtype, softmax in fp32, top-k, flag renorm."""
     data = {
         "experts": group(c, c.int(ffn_key), c.int("num_experts", "num_local_experts")),
-        "router": {"top_k": c.int("num_experts_per_tok"), "normalize": renorm(norm)},
+        "router": {
+            "top_k": c.int("num_experts_per_tok"),
+            "normalize": renorm(norm),
+            "dtype": "input",
+        },
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=aux)},
     }
     if gated_shared:
@@ -129,14 +144,15 @@ def mellum(c: HFConfig) -> dict:
 
 
 def jamba(c: HFConfig) -> dict:
-    """Jamba: softmax -> top-k, never renormalised; MoE every expert_layer_period from the offset."""
+    """Jamba: logits in the input dtype, softmax -> top-k, never renormalised; MoE every
+    expert_layer_period from the offset."""
     period = c.int("expert_layer_period", default=2)
     offset = c.int("expert_layer_offset", default=1)
     count = c.int("num_hidden_layers")
     why = f"expert_layer_period={period}, expert_layer_offset={offset}"
     return {
         "experts": group(c, c.int("intermediate_size"), c.int("num_experts", "num_local_experts")),
-        "router": {"top_k": c.int("num_experts_per_tok", default=2)},
+        "router": {"top_k": c.int("num_experts_per_tok", default=2), "dtype": "input"},
         "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
         "layers": c.layers_where(count, lambda i: i % period == offset, why),
         "checkpoint": {"router_key": "router"},
