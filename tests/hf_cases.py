@@ -1015,6 +1015,22 @@ EXTRA_CASES: tuple[Case, ...] = (
         "gate",
         loss="std",
     ),
+    # PhimoeForCausalLM's aux loss counts num_experts_per_tok slots; the sparsemixer still routes two
+    Case(
+        "phimoe_k3",
+        "phimoe",
+        "PhimoeConfig",
+        _attn(
+            hidden_size=48,
+            intermediate_size=24,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            router_jitter_noise=0.5,
+        ),
+        "PhimoeSparseMoeBlock",
+        "router",
+        loss="std",
+    ),
 )
 
 CASES = CASES + EXTRA_CASES

@@ -347,7 +347,8 @@ def test_traps():
     v2 = {**V3, "model_type": "deepseek_v2", "num_experts_per_tok": 2, "norm_topk_prob": True}
     assert _spec(v2).router.normalize.kind == "none"
     assert _spec({**MIX, "norm_topk_prob": False}).router.normalize.kind == "sum"
-    # PhiMoE is always top-2 sparsemixer with eps = router_jitter_noise
+    # PhiMoE is always top-2 sparsemixer with eps = router_jitter_noise; its aux loss counts
+    # num_experts_per_tok slots
     phi = _spec(
         {**MIX, "model_type": "phimoe", "num_experts_per_tok": 4, "router_jitter_noise": 0.5}
     )
@@ -356,6 +357,8 @@ def test_traps():
         2,
         0.5,
     )
+    assert phi.balance.aux_loss_top_k == 4
+    assert _spec({**MIX, "model_type": "phimoe"}).balance.aux_loss_top_k is None
     # Ernie: bias on the probabilities, renorm clamp_min
     ernie = _spec({"model_type": "ernie4_5_moe", "hidden_size": 8, "moe_intermediate_size": 8,
                    "moe_num_experts": 4, "moe_k": 2, "num_hidden_layers": 3})  # fmt: skip

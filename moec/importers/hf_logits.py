@@ -129,10 +129,15 @@ def dbrx(c: HFConfig) -> dict:
 
 
 def phimoe(c: HFConfig) -> dict:
-    """PhiMoE: sparsemixer, always top-2 (``num_experts_per_tok`` ignored), ε = router_jitter_noise."""
+    """PhiMoE: sparsemixer, always top-2, ε = router_jitter_noise. ``num_experts_per_tok`` is ignored
+    by the routing but is the k that PhimoeForCausalLM's aux loss counts."""
     eps = c.float("router_jitter_noise", default=0.01)
     if eps <= 0:
         raise c.refuse("router_jitter_noise = 0 makes sparsemixer a plain top-2 with weights 1.0")
+    balance = {"aux_loss": c.float("router_aux_loss_coef", default=0.001)}
+    loss_k = c.int("num_experts_per_tok", default=2)
+    if balance["aux_loss"] and loss_k != 2:
+        balance["aux_loss_top_k"] = loss_k
     return {
         "experts": group(c, c.int("intermediate_size"), c.int("num_local_experts")),
         "router": {
@@ -141,7 +146,7 @@ def phimoe(c: HFConfig) -> dict:
             "sparsemixer_eps": eps,
             "dtype": "input",  # PhimoeTopKRouter is an nn.Linear
         },
-        "balance": {"aux_loss": c.float("router_aux_loss_coef", default=0.001)},
+        "balance": balance,
         "layers": all_layers(c, "num_hidden_layers"),
         "checkpoint": {"router_key": "router"},
         "_block": "PhimoeSparseMoeBlock",
