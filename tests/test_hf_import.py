@@ -202,7 +202,7 @@ def test_every_tiny_case_imports():
 # (Switch: router_dtype, float32 by default).
 INPUT_DTYPE_ROUTERS = {
     "mixtral", "minimax", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_vl_moe",
-    "qwen4_exp", "olmoe", "flex_olmo", "mellum", "jamba", "gpt_oss", "llama4",
+    "qwen3_omni_moe", "qwen4_exp", "olmoe", "flex_olmo", "mellum", "jamba", "gpt_oss", "llama4",
     "granitemoe", "jetmoe", "dbrx", "phimoe", "cohere2_moe", "aria", "mistral4", "deepseek_v4",
     "minimax_m2", "minimax_m3_vl", "step3p7", "afmoe", "laguna", "lfm2_moe",
 }  # fmt: skip
@@ -267,6 +267,57 @@ def test_supported_model_types_cover_the_required_architectures():
         "gpt_oss", "llama4", "dbrx", "granitemoe", "jetmoe", "phimoe", "switch_transformers",
     }  # fmt: skip
     assert required <= set(SUPPORTED_MODEL_TYPES)
+    # clones of supported blocks (HF_MOE_SEMANTICS.md §3)
+    clones = {"qwen3_omni_moe", "deepseek_ocr2", "unlimited_ocr", "dots3_note", "glm_moe_dsa"}
+    assert clones <= set(SUPPORTED_MODEL_TYPES)
+
+
+# The MoE of a multimodal model lives in a sub-config; the composite config imports the same layer.
+TEXT = {"hidden_size": 40, "num_hidden_layers": 3, "moe_intermediate_size": 24}
+OCR = {**TEXT, "n_routed_experts": 8}
+OCR2 = {**OCR, "num_experts_per_tok": 3, "mlp_layer_types": ["dense", "sparse", "sparse"]}
+DOTS3 = {**OCR, "shared_experts_intermediate_size": 20, "n_shared_experts": 2}
+THINKER = {**TEXT, "num_experts": 8, "num_experts_per_tok": 3}
+TALKER = {**THINKER, "shared_expert_intermediate_size": 20, "mlp_only_layers": [0]}
+
+
+@pytest.mark.parametrize(
+    "composite,sub,sub_type",
+    [
+        ({"model_type": "deepseek_ocr2", "text_config": OCR2}, OCR2, "deepseek_ocr2_text"),
+        # the Unlimited-OCR hub config calls its text part language_config
+        ({"model_type": "unlimited_ocr", "language_config": OCR}, OCR, "unlimited_ocr_text"),
+        ({"model_type": "dots3_note", "text_config": DOTS3}, DOTS3, "dots3_note_text"),
+        ({"model_type": "dots3_note", **DOTS3}, DOTS3, "dots3_note_text"),  # flat, as on the hub
+        # Qwen3-Omni: the thinker's MoE (the talker's is its own model type, below)
+        ({"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": THINKER},
+          "talker_config": {"text_config": TALKER}}, THINKER, "qwen3_omni_moe_text"),
+        ({"model_type": "qwen3_omni_moe_thinker", "text_config": THINKER}, THINKER,
+         "qwen3_omni_moe_text"),
+    ],
+)  # fmt: skip
+def test_composite_configs_import_their_moe(composite, sub, sub_type):
+    def moe(data: dict) -> dict:
+        return {k: v for k, v in data.items() if k not in ("name", "source")}
+
+    alone = import_hf_config({**sub, "model_type": sub_type})
+    assert moe(import_hf_config(composite)) == moe(alone)
+
+
+def test_clone_details():
+    dots3 = {**DOTS3, "model_type": "dots3_note", "num_hidden_layers": 6, "moe_layer_freq": 2}
+    dots3 = _spec(dots3)
+    assert dots3.shared.ffn == 2 * 20 and dots3.router.selection_bias == "scores"
+    assert (dots3.layers.first, dots3.layers.every) == (2, 2)  # first_k_dense_replace default 1
+    ocr = _spec({**OCR, "model_type": "unlimited_ocr_text"})
+    assert ocr.router.top_k == 6 and ocr.layers.first == 1 and ocr.router.normalize.kind == "none"
+    with pytest.raises(UsageError, match="'mlp_layer_types'"):  # transformers needs it too
+        import_hf_config({**OCR, "model_type": "deepseek_ocr2_text", "num_experts_per_tok": 2})
+    talker = _spec({**TALKER, "model_type": "qwen3_omni_moe_talker_text"})
+    assert talker.shared.gate == "sigmoid_linear" and talker.router.normalize.kind == "none"
+    assert talker.layers.first == 0  # the talker's decoder layers are all MoE
+    thinker = _spec({"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": THINKER}})
+    assert "talker_config.text_config" in thinker.source.note and thinker.shared is None
 
 
 LAYERS = {"num_hidden_layers": 2}

@@ -36,6 +36,8 @@ ARCHS = {
     "qwen3_next": hf_softmax.qwen3_next,
     "qwen3_5_moe": hf_softmax.qwen3_5_moe,
     "qwen3_vl_moe": hf_softmax.qwen3_vl_moe,
+    "qwen3_omni_moe": hf_softmax.qwen3_omni_moe,
+    "qwen3_omni_moe_talker_text": hf_softmax.qwen3_omni_moe_talker,
     "qwen4_exp": hf_softmax.qwen4_exp,
     "olmoe": hf_softmax.olmoe,
     "flex_olmo": hf_softmax.olmoe,
@@ -43,6 +45,8 @@ ARCHS = {
     "jamba": hf_softmax.jamba,
     "ernie4_5_moe": hf_softmax.ernie4_5_moe,
     "deepseek_v2": hf_softmax.deepseek_v2,
+    "deepseek_ocr2": hf_softmax.deepseek_ocr,
+    "unlimited_ocr": hf_softmax.deepseek_ocr,
     "gpt_oss": hf_logits.gpt_oss,
     "llama4": hf_logits.llama4,
     "granitemoe": hf_logits.granitemoe,
@@ -69,10 +73,16 @@ ARCHS = {
     "flint": hf_biased.flint,
     "longcat_flash": hf_biased.longcat_flash,
 }
-# Multimodal / composite configs whose MoE lives in a nested ``text_config``.
-NESTED_TEXT = {
-    "llama4", "qwen3_5_moe", "glm5_next", "minimax_m3_vl", "step3p7", "inkling2", "aria", "mistral_large4",
-    "qwen3_vl_moe", "glm4v_moe", "qwen4_exp",
+# Multimodal / composite configs whose MoE lives in a sub-config: the keys that lead to it, each step
+# a tuple of spellings. A step whose key is absent is skipped, so the sub-config's own JSON imports too.
+TEXT = ("text_config",)
+NESTED = {
+    **dict.fromkeys(("llama4", "qwen3_5_moe", "glm5_next", "minimax_m3_vl", "step3p7", "inkling2", "aria",
+                     "mistral_large4", "qwen3_vl_moe", "glm4v_moe", "qwen4_exp", "deepseek_ocr2",
+                     "dots3_note"), (TEXT,)),
+    "unlimited_ocr": (("text_config", "language_config"),),  # the hub config says language_config
+    # the thinker (the language model); the talker's MoE imports from talker_config.text_config
+    "qwen3_omni_moe": (("thinker_config",), TEXT),
 }  # fmt: skip
 # Sub-config model types (``text_config.model_type``) that name a supported architecture.
 ALIASES = {
@@ -87,6 +97,11 @@ ALIASES = {
     "qwen3_vl_moe_text": "qwen3_vl_moe",
     "glm4v_moe_text": "glm4v_moe",
     "qwen4_exp_text": "qwen4_exp",
+    "deepseek_ocr2_text": "deepseek_ocr2",
+    "unlimited_ocr_text": "unlimited_ocr",
+    "dots3_note_text": "dots3_note",
+    "qwen3_omni_moe_thinker": "qwen3_omni_moe",
+    "qwen3_omni_moe_text": "qwen3_omni_moe",
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ARCHS))
 
@@ -140,9 +155,7 @@ def import_hf_config(config: dict, name: str | None = None, layer: int | None = 
         raise UsageError(
             f"HF model_type {model_type!r} is not supported by moec import-hf (supported: {supported})"
         )
-    text = config
-    if arch in NESTED_TEXT and isinstance(config.get("text_config"), dict):
-        text = config["text_config"]
+    text = _sub_config(config, NESTED.get(arch, ()))
     c = HFConfig(text, arch, layer)
     built = ARCHS[arch](c)
 
@@ -202,6 +215,14 @@ def dump_spec_yaml(data: dict, header_comment: str) -> str:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _sub_config(config: dict, path: tuple[tuple[str, ...], ...]) -> dict:
+    """The sub-config at ``path`` (each step: the spellings of one key); absent steps are skipped."""
+    for spellings in path:
+        found = [config[k] for k in spellings if isinstance(config.get(k), dict)]
+        config = found[0] if found else config
+    return config
 
 
 def _first(primary: dict, fallback: dict, *keys: str) -> Any:

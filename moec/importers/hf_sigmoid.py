@@ -44,6 +44,11 @@ class V3Arch:
     shared_clamp: bool | None = None  # the same for the shared MLP (None: as the experts)
     aux: float | None = None  # default aux coefficient when transformers computes the std loss
     logits_dtype: str = "fp32"  # "input": the router GEMM and scores run in the input dtype
+    shared_ffn: tuple[
+        str, ...
+    ] = ()  # keys of one shared expert's width; () = moe_intermediate_size
+    shared_ffn_default: int | None = None
+    layer_freq: bool = False  # MoE layers also need moe_layer_freq (an int, or one flag a layer)
 
 
 V3_ARCHS = {
@@ -60,9 +65,25 @@ V3_ARCHS = {
         "Glm5NextTextMoE", 8, 1, 1, True, 2.5, 1, "types", 3, clamp=True, aux=0.001
     ),
     # AXK2: groups masked with 0.0 (not -inf); n_group=None skips grouping
-    "axk2": V3Arch("AXK2MoE", 8, None, None, True, 2.5, 1, "types", 1, masked="0"),
+    "axk2": V3Arch("AXK2MoE", 8, None, None, True, 2.5, 1, "types", 1, masked="0", layer_freq=True),
     "glm4v_moe": V3Arch("Glm4vMoeTextMoE", 8, 1, 1, True, 1.0, 1, "dense_prefix", 1, aux=0.0001),
     "deepseek_v32": V3Arch("DeepseekV32MoE", 8, 8, 4, True, 2.5, 1, "types", 3),
+    "glm_moe_dsa": V3Arch("GlmMoeDsaMoE", 8, 1, 1, True, 2.5, 1, "types", 3),
+    # dots.3 note (text model): the shared experts have their own width
+    "dots3_note": V3Arch(
+        "Dots3NoteTextMoE",
+        8,
+        1,
+        1,
+        True,
+        1.0,
+        1,
+        "types",
+        1,
+        shared_ffn=("shared_experts_intermediate_size", "moe_shared_expert_intermediate_size"),
+        shared_ffn_default=1536,
+        layer_freq=True,
+    ),
     # HY-V4: clamped experts, plain shared MLP
     "hy_v4": V3Arch("HYV4MoE", 8, 1, 1, True, 2.827, 1, "types", 1, clamp=True, shared_clamp=False),
     # Mistral 4: softmax scores, no bias, groups masked with 0.0, logits in the input dtype
@@ -115,6 +136,7 @@ def v3_family(c: HFConfig) -> dict:
             "masked": a.masked,
         }
     n_shared = c.int("n_shared_experts", "num_shared_experts", **default_kw(a.n_shared))
+    shared_ffn = c.int(*a.shared_ffn, **default_kw(a.shared_ffn_default)) if a.shared_ffn else ffn
     clamp = (
         {"glu": "clamp_then_act", "limit": c.float("swiglu_limit", default=10.0)} if a.clamp else {}
     )
@@ -123,7 +145,7 @@ def v3_family(c: HFConfig) -> dict:
     experts = group(c, ffn, e, act="silu" if a.clamp else None, **clamp)
     data = {
         "experts": experts,
-        "shared": shared(c, ffn * n_shared, **shared_clamp) if a.n_shared != 0 else None,
+        "shared": shared(c, shared_ffn * n_shared, **shared_clamp) if a.n_shared != 0 else None,
         "router": router,
         "balance": deepseek_balance(c),
         "layers": _v3_layers(c, a),
@@ -137,11 +159,21 @@ def v3_family(c: HFConfig) -> dict:
 def _v3_layers(c: HFConfig, a: V3Arch) -> dict:
     count = c.int("num_hidden_layers")
     dense = c.int("first_k_dense_replace", default=a.dense)
-    freq = c.int("moe_layer_freq", default=1) if c.model_type == "axk2" else 1
     why = f"first_k_dense_replace={dense}"
+    freq: int | list = 1
+    if a.layer_freq:
+        freq = c.get("moe_layer_freq", default=1)
+        if not isinstance(freq, list):
+            freq = c.int("moe_layer_freq", default=1)
+        why += f", moe_layer_freq={freq}"
+
+    def every_freq(i: int) -> bool:
+        if isinstance(freq, list):
+            return i < len(freq) and bool(freq[i])
+        return i % int(freq) == 0
 
     def prefix() -> dict:
-        return c.layers_where(count, lambda i: i >= dense and i % freq == 0, why)
+        return c.layers_where(count, lambda i: i >= dense and every_freq(i), why)
 
     if a.layers == "all":
         return all_layers(c, "num_hidden_layers")

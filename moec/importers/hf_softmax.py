@@ -14,6 +14,7 @@ from __future__ import annotations
 from moec.importers.hf_common import (
     all_layers,
     deepseek_balance,
+    dense_first,
     dense_prefix,
     group,
     mlp_types_layers,
@@ -127,6 +128,32 @@ def qwen3_vl_moe(c: HFConfig) -> dict:
     return {**data, "layers": qwen_layers(c), "_block": "Qwen3VLMoeTextSparseMoeBlock"}
 
 
+def qwen3_omni_moe(c: HFConfig) -> dict:
+    """Qwen3-Omni-MoE thinker (``thinker_config.text_config``): the Qwen3-MoE block (flag renorm,
+    default on, no shared expert)."""
+    flag = c.bool("norm_topk_prob", default=True)
+    data = _qwen_like(c, norm=flag, ffn_key="moe_intermediate_size", gated_shared=False, aux=0.001)
+    return {
+        **data,
+        "layers": qwen_layers(c),
+        "_block": "Qwen3OmniMoeThinkerTextSparseMoeBlock",
+        "_note": "the thinker's MoE; the talker's imports from talker_config.text_config",
+    }
+
+
+def qwen3_omni_moe_talker(c: HFConfig) -> dict:
+    """Qwen3-Omni-MoE talker (``talker_config.text_config``): the Qwen2-MoE block (sigmoid-gated
+    shared expert, flag renorm, default off). Every decoder layer is MoE: the talker's layer replaces
+    its MLP with the MoE block whatever mlp_only_layers and decoder_sparse_step say."""
+    flag = c.bool("norm_topk_prob", default=False)
+    data = _qwen_like(c, norm=flag, ffn_key="moe_intermediate_size", gated_shared=True, aux=0.001)
+    return {
+        **data,
+        "layers": all_layers(c, "num_hidden_layers"),
+        "_block": "Qwen3OmniMoeTalkerTextSparseMoeBlock",
+    }
+
+
 def olmoe(c: HFConfig) -> dict:
     flag = c.bool("norm_topk_prob", default=False)
     data = _qwen_like(c, norm=flag, ffn_key="intermediate_size", gated_shared=False, aux=0.01)
@@ -194,13 +221,34 @@ def deepseek_v2(c: HFConfig) -> dict:
     ``group_limited_greedy``: group score = max in the group, other groups' scores set to 0.0, weights
     read from the masked scores.
     """
+    return {
+        **_deepseek_v2_block(c, top_k=c.int("num_experts_per_tok")),
+        "layers": dense_prefix(c, default=0),
+        "_block": "DeepseekV2Moe",
+    }
+
+
+OCR_BLOCKS = {"deepseek_ocr2": "DeepseekOcr2TextMoe", "unlimited_ocr": "UnlimitedOcrTextMoe"}
+
+
+def deepseek_ocr(c: HFConfig) -> dict:
+    """DeepSeek-OCR-2 and Unlimited-OCR (``text_config``): the DeepSeek-V2 block; the MoE layers are
+    the ``mlp_layer_types`` "sparse" ones (Unlimited-OCR derives them from first_k_dense_replace,
+    default 1, when the list is absent)."""
+    if c.model_type == "deepseek_ocr2":  # no config defaults: transformers needs both keys
+        c.get("mlp_layer_types")
+        k = c.int("num_experts_per_tok")
+    else:
+        k = c.int("num_experts_per_tok", default=6)
+    layers = mlp_types_layers(c, lambda: dense_first(c, "first_k_dense_replace", 1))
+    return {**_deepseek_v2_block(c, top_k=k), "layers": layers, "_block": OCR_BLOCKS[c.model_type]}
+
+
+def _deepseek_v2_block(c: HFConfig, top_k: int) -> dict:
     e = c.int("n_routed_experts", "num_experts")
     ffn = c.int("moe_intermediate_size")
     method = c.get("topk_method", default="greedy")
-    router = {
-        "top_k": c.int("num_experts_per_tok"),
-        "scale": c.float("routed_scaling_factor", default=1.0),
-    }
+    router = {"top_k": top_k, "scale": c.float("routed_scaling_factor", default=1.0)}
     if method == "group_limited_greedy":
         router["groups"] = {
             "count": c.int("n_group"),
@@ -220,6 +268,4 @@ def deepseek_v2(c: HFConfig) -> dict:
         ),
         "router": router,
         "balance": deepseek_balance(c),
-        "layers": dense_prefix(c, default=0),
-        "_block": "DeepseekV2Moe",
     }
