@@ -155,7 +155,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from moec.importers.hf import dump_spec_yaml, import_hf_config
+    from moec.importers.hf import dump_spec_yaml, import_hf_config, training_only_notes
     from moec.spec import load_spec_text
 
     path = Path(args.config)
@@ -166,6 +166,8 @@ def cmd_import_hf(args) -> int:
     data = import_hf_config(config, name=args.name, layer=args.layer)
     text = dump_spec_yaml(data, f"imported from {path.name} by moec import-hf")
     load_spec_text(text, str(args.output or "<stdout>"))  # never write a spec moec would reject
+    for note in training_only_notes(config):
+        print(f"note: {note}", file=sys.stderr)
     if args.output:
         from moec.codegen.writer import write_file
 
@@ -276,7 +278,9 @@ def parser() -> argparse.ArgumentParser:
     i = command(
         "import-hf",
         "write a spec from a Hugging Face config.json",
-        "Write a spec for the MoE layer of a Hugging Face config.json (the spec is validated first).",
+        "Write a spec for the MoE layer of a Hugging Face config.json (the spec is validated first).\n"
+        "Training-only randomness the layer leaves out (router jitter, expert dropout) is noted on\n"
+        "stderr: the layer matches transformers in eval mode.",
     )
     i.add_argument("config", help="path of a config.json")
     i.add_argument("-o", "--output", help="spec file to write (default: stdout)")

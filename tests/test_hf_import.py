@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from moec.errors import UsageError
-from moec.importers import SUPPORTED_MODEL_TYPES, dump_spec_yaml, import_hf_config
+from moec.importers import (
+    SUPPORTED_MODEL_TYPES,
+    dump_spec_yaml,
+    import_hf_config,
+    training_only_notes,
+)
 from moec.spec import SourceMap, load_spec, load_spec_text, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -437,6 +442,31 @@ def test_traps():
     assert s.num_experts == 12 and (s.layers.first, s.layers.count) == (3, 5)
 
 
+@pytest.mark.parametrize(
+    "config,settings",
+    [
+        (MIX, []),
+        ({**MIX, "router_jitter_noise": 0.1}, ["router_jitter_noise=0.1"]),
+        ({**MIX, "model_type": "phimoe"}, ["Gumbel"]),  # the sparsemixer samples in train()
+        ({**MIX, "model_type": "phimoe", "input_jitter_noise": 0.2}, ["Gumbel", "input_jitter_noise=0.2"]),
+        ({"model_type": "dbrx", "d_model": 8, "n_layers": 2,
+          "ffn_config": {"ffn_hidden_size": 8, "moe_num_experts": 4, "moe_jitter_eps": 0.01}},
+         ["ffn_config.moe_jitter_eps=0.01"]),
+        (_real("switch_base_128.json"), ["router_jitter_noise=0.01", "dropout_rate=0.1"]),
+        ({**_real("switch_base_128.json"), "router_jitter_noise": 0, "dropout_rate": 0.0}, []),
+    ],
+)  # fmt: skip
+def test_training_only_randomness_is_noted(config, settings):
+    """Router jitter, expert dropout and PhiMoE's sampled sparsemixer run only in train(): each
+    gets a note (eval-mode outputs match; the noise is left out), not an error."""
+    notes = training_only_notes(config)
+    assert len(notes) == len(settings), notes
+    for note, setting in zip(notes, settings, strict=True):
+        assert setting in note and "eval-mode outputs match" in note
+        assert "leaves this train-mode noise out" in note
+    import_hf_config(config)  # and the import itself goes through
+
+
 def test_importer_does_not_import_torch_or_transformers():
     code = (
         "import sys, json; from moec.importers import import_hf_config, dump_spec_yaml\n"
@@ -458,6 +488,11 @@ def test_cli_import_hf(tmp_path, capsys):
     )
     spec, _ = load_spec(out)
     assert spec.name == "v3" and spec.router.groups.count == 8
+    assert "note:" not in capsys.readouterr().err  # nothing training-only in DeepSeek-V3
+    switch = tmp_path / "switch.yaml"
+    assert main(["import-hf", str(CONFIGS / "switch_base_128.json"), "-o", str(switch)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: switch_transformers:") == 2 and "error" not in err
     bad = tmp_path / "nllb.json"
     bad.write_text(json.dumps({"model_type": "nllb_moe", "d_model": 8}))
     assert main(["import-hf", str(bad)]) == 2

@@ -126,6 +126,24 @@ REFUSED = {
     "granite_docling": "a density router picks a connector, not learned token routing",
 }
 
+# What transformers' blocks do only in train(), which the generated layer leaves out (it computes the
+# eval-mode output): model type -> (config key, its default, what train() does); key None = always.
+JITTER = "multiplies the MoE input by U(1 - eps, 1 + eps)"
+TRAINING_ONLY = {
+    "mixtral": (("router_jitter_noise", 0.0, JITTER),),
+    "minimax": (("router_jitter_noise", 0.0, JITTER),),
+    "minimax_m2": (("router_jitter_noise", 0.0, JITTER),),
+    "dbrx": (("ffn_config.moe_jitter_eps", None, JITTER),),
+    "phimoe": (
+        (None, None, "samples the sparsemixer's two experts with Gumbel noise"),
+        ("input_jitter_noise", 0.0, JITTER),
+    ),
+    "switch_transformers": (
+        ("router_jitter_noise", 0.01, "multiplies the router input by U(1 - eps, 1 + eps)"),
+        ("dropout_rate", 0.1, "applies dropout inside every expert (expert dropout)"),
+    ),
+}
+
 # Keys dump_spec_yaml always writes, defaults or not: what a reader looks for first.
 ALWAYS = {"name", "hidden", "experts", "router"}
 ALWAYS_NESTED = {"router": {"score", "top_k"}}
@@ -138,24 +156,9 @@ def import_hf_config(config: dict, name: str | None = None, layer: int | None = 
     clamp limits) and is checked to be an MoE layer. Raises ``UsageError`` for an unsupported
     ``model_type``, a missing required key, or an architecture the vocabulary cannot express.
     """
-    if not isinstance(config, dict):
-        raise UsageError(f"an HF config must be a JSON object (got {type(config).__name__})")
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise UsageError(f"layer must be a non-negative integer (got {layer!r})")
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str):
-        raise UsageError("HF config: missing required key 'model_type'")
-    arch = ALIASES.get(model_type, model_type)
-    if arch in REFUSED:
-        raise UsageError(
-            f"HF model_type {model_type!r} cannot be expressed as a moec spec: {REFUSED[arch]}"
-        )
-    if arch not in ARCHS:
-        supported = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise UsageError(
-            f"HF model_type {model_type!r} is not supported by moec import-hf (supported: {supported})"
-        )
-    text = _sub_config(config, NESTED.get(arch, ()))
+    model_type, arch, text = _locate(config)
     c = HFConfig(text, arch, layer)
     built = ARCHS[arch](c)
 
@@ -193,6 +196,22 @@ def import_hf_config(config: dict, name: str | None = None, layer: int | None = 
     return data
 
 
+def training_only_notes(config: dict) -> list[str]:
+    """One line for each thing the config's transformers block does only in ``train()`` (router
+    jitter, expert dropout, PhiMoE's sampled sparsemixer), which the generated layer leaves out."""
+    model_type, arch, text = _locate(config)
+    notes = []
+    for key, default, what in TRAINING_ONLY.get(arch, ()):
+        value = _dotted(text, key, default) if key else True
+        if value:  # 0 and null switch it off
+            setting = f"{key}={value}: " if key else ""
+            notes.append(
+                f"{model_type}: {setting}in train() only, transformers {what}; eval-mode outputs "
+                "match, and the generated layer leaves this train-mode noise out"
+            )
+    return notes
+
+
 def dump_spec_yaml(data: dict, header_comment: str) -> str:
     """Readable YAML for spec ``data``: schema key order, only values that differ from the defaults
     (plus name, hidden, experts and router), a comment header naming the source model type."""
@@ -215,6 +234,34 @@ def dump_spec_yaml(data: dict, header_comment: str) -> str:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _locate(config: dict) -> tuple[str, str, dict]:
+    """``(model_type, arch, the sub-config holding the MoE)`` of a config this importer supports."""
+    if not isinstance(config, dict):
+        raise UsageError(f"an HF config must be a JSON object (got {type(config).__name__})")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise UsageError("HF config: missing required key 'model_type'")
+    arch = ALIASES.get(model_type, model_type)
+    if arch in REFUSED:
+        raise UsageError(
+            f"HF model_type {model_type!r} cannot be expressed as a moec spec: {REFUSED[arch]}"
+        )
+    if arch not in ARCHS:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise UsageError(
+            f"HF model_type {model_type!r} is not supported by moec import-hf (supported: {supported})"
+        )
+    return model_type, arch, _sub_config(config, NESTED.get(arch, ()))
+
+
+def _dotted(config: dict, path: str, default: Any) -> Any:
+    for part in path.split("."):
+        if not isinstance(config, dict) or config.get(part) is None:
+            return default
+        config = config[part]
+    return config
 
 
 def _sub_config(config: dict, path: tuple[tuple[str, ...], ...]) -> dict:
