@@ -318,3 +318,32 @@ def test_launch_run_py_commands_on_cpu(tmp_path):
     assert code == 2 and "--tokens must be even (got 3)" in out, out
     code, out = run("bench", "--tokens", "0")
     assert code == 2 and "--tokens must be at least 1 (got 0)" in out, out
+
+
+def test_pooled_load_balance_loss_is_transformers_model_level_loss():
+    """transformers pools slots and probabilities over all MoE layers (and leaves padding out with
+    the attention mask) before multiplying; the package gives the same from the layers' kept
+    router logits. Per layer and unmasked it is the layer's own aux loss."""
+    hf = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    pkg = build_package(BASE + "router: {top_k: 2}\nbalance: {aux_loss: 0.01}\n")
+    torch.manual_seed(11)
+    layers = [pkg.MoELayer(), pkg.MoELayer()]
+    x = torch.randn(3, 5, 24)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    for layer in layers:
+        layer.keep_router_logits = True
+        layer(x)
+        assert layer.router_logits.shape == (15, 7)
+    logits = [layer.router_logits for layer in layers]
+    pooled = pkg.router.pooled_load_balance_loss
+    for m in (None, mask):
+        want = hf.load_balancing_loss_func(tuple(logits), 7, 2, m)
+        torch.testing.assert_close(pooled(logits, m), want, msg=f"mask {m is not None}")
+    torch.testing.assert_close(pooled(logits[:1]), layers[0].aux_losses["load_balance"])
+    mean_of_layers = sum(layer.aux_losses["load_balance"] for layer in layers) / 2
+    assert not torch.allclose(pooled(logits), mean_of_layers), "pooling is not the mean"
+    layers[0].keep_router_logits = False
+    layers[0](x)
+    assert layers[0].router_logits is None

@@ -88,16 +88,37 @@ def select_topk(logits_TE: torch.Tensor):
     return topk_ids_TK, topk_weights_TK
 
 
-def load_balance_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard load balance: E · Σ_e (slots to e / T) · (mean softmax prob of e).
 
     Selection is top-K of the softmax of the logits, whatever this router's own score function is,
-    as in transformers' ``load_balancing_loss_func``.
+    as in transformers' ``load_balancing_loss_func``; ``mask_T`` (1 = a real token, 0 = padding)
+    leaves tokens out of both terms, as its ``attention_mask`` does.
     """
     probs_TE = logits_TE.float().softmax(dim=-1)
     chosen_TK = probs_TE.topk(TOP_K, dim=-1).indices
-    counts_E = torch.zeros_like(probs_TE[0]).scatter_add_(
-        0, chosen_TK.reshape(-1), torch.ones_like(chosen_TK.reshape(-1), dtype=probs_TE.dtype)
+    if mask_T is None:
+        counts_E = probs_TE.new_zeros(NUM_OUTPUTS).scatter_add_(
+            0, chosen_TK.reshape(-1), torch.ones_like(chosen_TK.reshape(-1), dtype=probs_TE.dtype)
+        )
+        T = probs_TE.shape[0]
+        return NUM_OUTPUTS * torch.sum(counts_E / T * probs_TE.mean(dim=0))
+    w_T = mask_T.reshape(-1).to(probs_TE.dtype)
+    counts_E = probs_TE.new_zeros(NUM_OUTPUTS).scatter_add_(
+        0, chosen_TK.reshape(-1), w_T.repeat_interleave(TOP_K)
     )
-    T = probs_TE.shape[0]
-    return NUM_OUTPUTS * torch.sum(counts_E / T * probs_TE.mean(dim=0))
+    tokens = w_T.sum()
+    return NUM_OUTPUTS * torch.sum(
+        counts_E / tokens * (probs_TE * w_T[:, None]).sum(dim=0) / tokens
+    )
+
+
+def pooled_load_balance_loss(
+    logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The model-level loss transformers' ``load_balancing_loss_func`` computes from the router
+    logits of several MoE layers (each [T, E], the same T tokens: ``layer.router_logits`` with
+    ``keep_router_logits``): their slots and probabilities pooled over the layers, not a mean of
+    per-layer losses. ``attention_mask`` [B, S] (T = B·S): 0 leaves a padding token out."""
+    mask_T = None if attention_mask is None else attention_mask.reshape(-1).repeat(len(logits))
+    return load_balance_loss(torch.cat(list(logits)), mask_T)

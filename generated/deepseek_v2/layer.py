@@ -72,6 +72,10 @@ class MoELayer(nn.Module):
             )
         self.shared = SharedExpert(HIDDEN, dtype, device)
         self.aux_losses: dict[str, torch.Tensor] = {}
+        # True: each forward keeps its router logits [T, E] in ``router_logits`` (as transformers'
+        # output_router_logits).
+        self.keep_router_logits = False
+        self.router_logits: torch.Tensor | None = None
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):
         """x_TH [T, H] -> (topk_ids_TK, topk_weights_TK, logits_TE); id -1 marks a dropped slot."""
@@ -161,6 +165,7 @@ class MoELayer(nn.Module):
         num_seqs = x.shape[0] if x.dim() == 3 else 1
         x_TH = x.reshape(-1, HIDDEN)
         topk_ids_TK, topk_weights_TK, logits_TE = self.route(x_TH, num_seqs)
+        self.router_logits = logits_TE if self.keep_router_logits else None
         self.aux_losses = self.router.losses(logits_TE, topk_ids_TK, num_seqs)
         # The shared expert runs while the routed rows are on the wire (plan: comm).
         y_TH, shared_TH = self.experts(

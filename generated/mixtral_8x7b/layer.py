@@ -73,6 +73,11 @@ class MoELayer(nn.Module):
                 self.dispatcher is None and len(self.groups) == 1 and group.holds_all
             )
         self.aux_losses: dict[str, torch.Tensor] = {}
+        # True: each forward keeps its router logits [T, E] in ``router_logits`` (as transformers'
+        # output_router_logits); router.pooled_load_balance_loss() of every MoE layer's
+        # is the model-level loss transformers computes.
+        self.keep_router_logits = False
+        self.router_logits: torch.Tensor | None = None
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):
         """x_TH [T, H] -> (topk_ids_TK, topk_weights_TK, logits_TE); id -1 marks a dropped slot."""
@@ -158,6 +163,7 @@ class MoELayer(nn.Module):
         num_seqs = x.shape[0] if x.dim() == 3 else 1
         x_TH = x.reshape(-1, HIDDEN)
         topk_ids_TK, topk_weights_TK, logits_TE = self.route(x_TH, num_seqs)
+        self.router_logits = logits_TE if self.keep_router_logits else None
         self.aux_losses = self.router.losses(logits_TE, topk_ids_TK, num_seqs)
         y_TH = self.experts(x_TH, topk_ids_TK, topk_weights_TK)
         return y_TH.view(x.shape)
