@@ -292,14 +292,14 @@ def test_dispatch_first_is_bounded_by_the_overlapped_and_the_serial_schedules(st
         assert first_us == pytest.approx(moe_layer_us(stages, 1, sh)) == pytest.approx(serial)
 
 
-def _plan(links: str, comm: str = "{}", extra: str = ""):
+def _plan(links: str, comm: str = "{}", extra: str = "", nodes: int = 1):
     """A 4-rank all-to-all layer whose experts take ~67 µs per forward on an h100."""
     text = f"""name: chunked
 hidden: 1024
 experts: [{{name: e, count: 8, ffn: 1024}}]
 router: {{top_k: 2}}
 parallel: {{dp: 4, ep: 4}}
-cluster: {{gpus_per_node: 4, gpu: h100, links: {{intra: {links}}}}}
+cluster: {{nodes: {nodes}, gpus_per_node: {4 // nodes}, gpu: h100, links: {{intra: {links}}}}}
 workload: {{tokens_per_rank: 4096, mode: serve}}
 comm: {comm}
 {extra}"""
@@ -333,7 +333,9 @@ def test_auto_chunks_stay_one_when_pipelining_does_not_pay(links):
 def test_explicit_chunks_are_honoured():
     assert _plan("{latency_us: 1, gbps: 100000}", "{chunks: 3}").comm.chunks == 3
     assert _plan("{latency_us: 5, gbps: 100}", "{chunks: 1}").comm.chunks == 1
-    hierarchical = _plan("{latency_us: 5, gbps: 100}", "{dispatch: hierarchical, chunks: 3}")
+    hierarchical = _plan(
+        "{latency_us: 5, gbps: 100}", "{dispatch: hierarchical, chunks: 3}", nodes=2
+    )
     assert hierarchical.comm.chunks == 3
     assert any("experts → combine (dispatch first) pipelined in 3" in n for n in hierarchical.notes)
     gathered = _plan("{latency_us: 5, gbps: 100}", "{dispatch: all_gather, chunks: 3}")

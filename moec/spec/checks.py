@@ -213,6 +213,12 @@ def parallel_rules(spec: Spec) -> Iterator[Problem]:
     if spec.layers.first >= spec.layers.count:
         message = f"must be below layers.count={spec.layers.count} (got {spec.layers.first})"
         yield ("layers", "first"), message, None
+    if p.pp > spec.layers.count:
+        message = f"at most layers.count = {spec.layers.count} pipeline stages (got {p.pp})"
+        yield ("parallel", "pp"), message, "a stage holds at least one decoder layer"
+    if spec.comm.dispatch == "hierarchical" and spec.cluster.nodes == 1:
+        message = "hierarchical dispatch needs more than one node (cluster.nodes is 1)"
+        yield ("comm", "dispatch"), message, "use all_to_all, or auto to let the plan pick"
     if spec.comm.wire_dtype == "fp8":
         message = "fp8 rows need per-row scales, which the generated runtime does not send yet"
         yield ("comm", "wire_dtype"), message, "use bf16 (or the layer's dtype: leave it out)"

@@ -7,7 +7,7 @@
 #
 #   one node:   launch/torchrun.sh smoke
 #
-# The plan is for 1 ranks (1 × 1); NNODES and NPROC_PER_NODE override it only
+# The plan is for 1 rank (1 × 1); NNODES and NPROC_PER_NODE override it only
 # for experiments (the layer refuses another world size). Without GPUs the ranks use gloo on CPU.
 set -euo pipefail
 
