@@ -74,8 +74,8 @@ class MoELayer(nn.Module):
             )
         self.aux_losses: dict[str, torch.Tensor] = {}
         # True: each forward keeps its router logits [T, E] in ``router_logits`` (as transformers'
-        # output_router_logits); router.pooled_load_balance_loss() of every MoE layer's
-        # is the model-level loss transformers computes.
+        # output_router_logits); router.pooled_load_balance_loss() over those of
+        # every MoE layer is the model-level loss transformers computes.
         self.keep_router_logits = False
         self.router_logits: torch.Tensor | None = None
 
