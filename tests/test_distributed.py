@@ -1,8 +1,8 @@
 """The generated layer sharded over 4 gloo processes equals the single-process layer, forward and
 backward: flat, hierarchical and all-gather dispatch, dp x ep, replicas, uneven experts per rank,
 expert tensor parallelism, skewed routing with experts that receive no tokens, the all-to-alls
-pipelined in 2 and 3 chunks (with empty chunks), the shared expert overlapping the dispatch (all
-three kinds); flat and hierarchical dispatch also through the Triton kernels (interpreted), where a
+pipelined in 2 and 3 chunks (with empty chunks), a rank with no tokens, the shared expert
+overlapping the dispatch (all three kinds); flat and hierarchical dispatch also through the Triton kernels (interpreted), where a
 rank may hold none of a group's experts.
 The flat all-to-all sends one row per (token, destination rank) pair; hierarchical dispatch (2 nodes
 x 2 ranks) sends one row across nodes per (token, node) pair."""
@@ -170,6 +170,13 @@ CHUNKS = {
 # tokens per rank (default 5, 8, 11, 14). In 3 chunks of at most 2 tokens, the last chunk is empty
 # on every rank, and rank 0's 1 token leaves its second chunk empty too.
 TOKENS = {"chunks3_weight_on_input": (1, 2, 2, 2), "chunks3_hierarchical": (1, 2, 2, 2)}
+# a rank with no tokens at all (an idle rank) still takes part in every exchange
+for _name in ("idle_rank_flat", "idle_rank_hierarchical", "idle_rank_all_gather"):
+    TOKENS[_name] = (0, 4, 6, 8)
+CONFIGS["idle_rank_flat"] = CONFIGS["chunks2_replicas"]
+CHUNKS["idle_rank_flat"] = 2
+CONFIGS["idle_rank_hierarchical"] = CONFIGS["two_nodes_hierarchical"]
+CONFIGS["idle_rank_all_gather"] = CONFIGS["all_gather"]
 for _name in TRITON:  # the Triton runs of a config keep its experts, top-k, chunks and tokens
     for _table in (BASES, TOP_K, CHUNKS, TOKENS):
         if _name.removesuffix("_triton") in _table:
