@@ -156,18 +156,19 @@ class ExpertGroup(nn.Module):
             ids_TK, first = topk_ids_TK, self.FIRST
         else:  # a subset (expert parallelism): global ids -> rows of the held experts
             ids_TK, first = local_ids(topk_ids_TK, self.FIRST, self.local_index), 0
+        up, down = getattr(self, self.up_name), self.w_down_EHF
         return backend.kernels().moe_experts(
             x_TH,
             ids_TK,
             topk_weights_TK,
-            getattr(self, self.up_name),
-            self.w_down_EHF,
+            up,
+            down,
             *self.biases(),
             first_expert_id=first,
             weight_on_input=WEIGHT_ON_INPUT,
+            **self.KERNEL,
             keep_preactivations=self.keep_preactivations,
             static_rows=self.static_rows,
-            **self.KERNEL,
         )
 
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, out_TH, triton: bool = False) -> None:
