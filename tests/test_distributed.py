@@ -226,9 +226,8 @@ def _check(pkg, rank: int, name: str) -> None:
     for label, layer in (("full", full), ("sharded", sharded)):
         xr = x.clone().requires_grad_()
         if label == "sharded":
-            with _schedule_log(layer) as log, _dispatch_log(layer.dispatcher) as dispatched:
-                with _wire_log() as wire:
-                    y = layer(xr)
+            with _schedule_log(layer) as (log, wire), _dispatch_log(layer.dispatcher) as dispatched:
+                y = layer(xr)
         else:
             y = layer(xr)
         (y * g).sum().backward()
@@ -277,37 +276,11 @@ def _check(pkg, rank: int, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _wire_log():
-    """The dtypes of the rows of activations (16 wide: the tests' hidden size) that the
-    all-to-alls and all-gathers made inside send."""
-    seen = set()
-    real_all_to_all, real_all_gather = dist.all_to_all_single, dist.all_gather
-
-    def note(t):
-        if t.dim() == 2 and t.shape[1] == 16 and t.is_floating_point():
-            seen.add(t.dtype)
-
-    def all_to_all(output, input, *args, **kwargs):
-        note(input)
-        return real_all_to_all(output, input, *args, **kwargs)
-
-    def all_gather(tensors, tensor, *args, **kwargs):
-        note(tensor)
-        return real_all_gather(tensors, tensor, *args, **kwargs)
-
-    dist.all_to_all_single, dist.all_gather = all_to_all, all_gather
-    try:
-        yield seen
-    finally:
-        dist.all_to_all_single, dist.all_gather = real_all_to_all, real_all_gather
-
-
-@contextlib.contextmanager
 def _schedule_log(layer):
     """Log the all-to-alls ("wait" or "async"), all-gathers ("gather wait" or "gather async"),
-    shared expert calls and local expert calls on a chunk's rows ("experts") made inside, in order.
-    """
-    log = []
+    shared expert calls and local expert calls on a chunk's rows ("experts") made inside, in order;
+    and the dtypes of the rows of activations they send (16 wide: the tests' hidden size)."""
+    log, wire = [], set()
     real_all_to_all, real_all_gather = dist.all_to_all_single, dist.all_gather
     real_shared = layer._shared_expert
     comm = sys.modules[type(layer.dispatcher).__module__]
@@ -317,13 +290,19 @@ def _schedule_log(layer):
         log.append("experts")
         return real_run_experts(*args)
 
-    def all_to_all(*args, **kwargs):
-        log.append("async" if kwargs.get("async_op") else "wait")
-        return real_all_to_all(*args, **kwargs)
+    def note(rows):
+        if rows.dim() == 2 and rows.shape[1] == 16 and rows.is_floating_point():
+            wire.add(rows.dtype)
 
-    def all_gather(*args, **kwargs):
+    def all_to_all(output, input, *args, **kwargs):
+        log.append("async" if kwargs.get("async_op") else "wait")
+        note(input)
+        return real_all_to_all(output, input, *args, **kwargs)
+
+    def all_gather(tensors, tensor, *args, **kwargs):
         log.append("gather async" if kwargs.get("async_op") else "gather wait")
-        return real_all_gather(*args, **kwargs)
+        note(tensor)
+        return real_all_gather(tensors, tensor, *args, **kwargs)
 
     def shared(x_TH):
         log.append("shared")
@@ -333,7 +312,7 @@ def _schedule_log(layer):
     layer._shared_expert = shared
     comm._run_experts = run_experts
     try:
-        yield log
+        yield log, wire
     finally:
         dist.all_to_all_single, dist.all_gather = real_all_to_all, real_all_gather
         del layer._shared_expert
