@@ -22,8 +22,15 @@ from moec.plan.placement_problem import (
     per_layer,
 )
 
+# Branch-and-bound nodes per layer, and the largest instance (E x G binaries). On this project's
+# CPU machine (scipy 1.17, 2026-12-02) 500 nodes took 0.8-17 s a layer for 32-256 experts on 8-32
+# ranks; the time limit of 10 s a layer used before stopped those searches at a machine-dependent
+# point, with no better loads than the node limit's.
+NODE_LIMIT = 500
+MAX_VARS = 4096
 
-def _milp_layer(problem: PlacementProblem, layer: int, time_limit_s: float):
+
+def _milp_layer(problem: PlacementProblem, layer: int, node_limit: int, time_limit_s: float | None):
     """Solve one layer's min-max-load ILP with HiGHS. Returns ``(slots | None, dual, proven)``.
 
     Variables: x[e, g] (copy of e on g, binary), y[e, g] (its token share, only with replicas),
@@ -73,7 +80,8 @@ def _milp_layer(problem: PlacementProblem, layer: int, time_limit_s: float):
         integrality=integrality,
         bounds=Bounds(0, np.r_[np.ones(n_var - 1), np.inf]),
         constraints=cons,
-        options={"time_limit": time_limit_s, "mip_rel_gap": 1e-6},
+        options={"node_limit": node_limit, "mip_rel_gap": 1e-6}
+        | ({} if time_limit_s is None else {"time_limit": time_limit_s}),
     )
     dual = float(getattr(res, "mip_dual_bound", None) or 0.0)
     if res.x is None:
@@ -85,16 +93,22 @@ def _milp_layer(problem: PlacementProblem, layer: int, time_limit_s: float):
 
 
 def place_optimal(
-    problem: PlacementProblem, time_limit_s: float = 10.0, max_vars: int = 20_000
+    problem: PlacementProblem,
+    node_limit: int = NODE_LIMIT,
+    time_limit_s: float | None = None,
+    max_vars: int = MAX_VARS,
 ) -> Placement:
     """Exact min-max rank load by integer programming (scipy ``milp``/HiGHS), per layer.
 
     Without replicas each expert sits on one rank. With ``redundant`` R the ILP chooses E + R
     copies *and* how tokens split between them (uneven splits allowed), so its optimum bounds
-    ``replicate`` from below. For small instances (E x G up to a few hundred variables): each
-    layer stops after ``time_limit_s``; the result is then the better of the ILP's incumbent and
-    the LPT heuristic, ``bound`` is the solver's dual bound and ``proven_optimal`` is False.
-    Refuses instances with more than ``max_vars`` binaries (E x G).
+    ``replicate`` from below. For small instances (E x G up to ``max_vars`` binaries).
+
+    Each layer's search stops after ``node_limit`` branch-and-bound nodes: a count, not a time, so
+    the same spec gives the same placement on every machine (for one scipy / HiGHS version), as
+    golden files need. ``time_limit_s`` (benchmarks) also stops it by the clock, which makes the
+    result depend on the machine. A search stopped early gives the better of its incumbent and the
+    LPT heuristic, ``bound`` is the solver's dual bound and ``proven_optimal`` is False.
     """
     if problem.experts * problem.ranks > max_vars:
         raise PlacementError(
@@ -106,7 +120,7 @@ def place_optimal(
     check_memory(problem, sum(problem.bytes_E))
     layers, proven = [], True
     for layer in range(len(problem.tokens_LE)):
-        slots, dual, ok = _milp_layer(problem, layer, time_limit_s)
+        slots, dual, ok = _milp_layer(problem, layer, node_limit, time_limit_s)
         heuristic = replicate_slots(problem, layer) if problem.redundant else None
         if heuristic is None:
             heuristic = (lpt_pack(problem, problem.load_E(layer), np.arange(problem.experts)),)
