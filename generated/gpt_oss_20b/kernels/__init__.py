@@ -6,8 +6,8 @@
 and routing weight fused, and their ``torch.library`` ops.
 
 Layers: ``routing`` / ``permute`` / ``grouped_gemm`` (with ``epilogue``) / ``combine`` (Triton
-kernels and launchers) → ``ops`` (custom ops with autograd; the public API) — with ``reference``
-(plain-torch oracles) beside them.
+kernels and launchers, which launch through ``launch``) → ``ops`` (custom ops with autograd; the
+public API) — with ``reference`` (plain-torch oracles) beside them.
 
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K slots.
 """

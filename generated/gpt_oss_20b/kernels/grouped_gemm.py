@@ -31,6 +31,7 @@ from triton.runtime.errors import OutOfResources
 
 from .configs import GemmConfig, cdiv
 from .epilogue import glu, weight_tile
+from .launch import launch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,9 +338,10 @@ def _launch(kernel, grid: tuple, config: GemmConfig, key: tuple, *args, **conste
     c = _FITTED.get(key, config)
     while True:
         try:
-            kernel[grid](
-                *args, **constexprs, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages,
+            launch(
+                kernel, grid, *args, **constexprs, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                BLOCK_K=c.block_k, GROUP_M=c.group_m, num_warps=c.num_warps,
+                num_stages=c.num_stages,
             )  # fmt: skip
             _FITTED[key] = c
             return

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, next_power_of_2
+from .launch import launch
 
 
 @triton.jit
@@ -73,8 +74,8 @@ def _launch(o, table, T: int, K: int, E: int, first: int, row_of_slot: bool) -> 
     if T == 0:
         return y
     BLOCK_H = min(1024, next_power_of_2(H))
-    _combine_kernel[(T, cdiv(H, BLOCK_H))](
-        o, table, y, first, E=E, H=H, TOPK=K, ROW_OF_SLOT=row_of_slot, BLOCK_H=BLOCK_H,
+    launch(
+        _combine_kernel, (T, cdiv(H, BLOCK_H)), o, table, y, first, E=E, H=H, TOPK=K, ROW_OF_SLOT=row_of_slot, BLOCK_H=BLOCK_H,
         num_warps=4,
     )  # fmt: skip
     return y

@@ -26,6 +26,7 @@ from . import reference
 from .combine import sum_rows_of_slots
 from .configs import cdiv, next_power_of_2, use_triton
 from .epilogue import glu, glu_vjp
+from .launch import launch
 
 
 @triton.jit
@@ -55,7 +56,9 @@ def zero_empty_experts(d_w_E: Tensor, counts_E: Tensor) -> Tensor:
     if use_triton(d_w_E):
         BLOCK = 4096
         grid = (E, min(cdiv(M, BLOCK), 16))
-        _zero_empty_kernel[grid](d_w_E, counts_E.to(torch.int32), M, BLOCK=BLOCK, num_warps=4)
+        launch(
+            _zero_empty_kernel, grid, d_w_E, counts_E.to(torch.int32), M, BLOCK=BLOCK, num_warps=4
+        )
     else:
         d_w_E.masked_fill_((counts_E == 0).view(E, *[1] * (d_w_E.dim() - 1)), 0)
     return d_w_E
@@ -126,8 +129,8 @@ def _glu_launch(gu_NX, b_EX, e_N, dh_NF, out, rw_N, hw_NF, glu_params):
     N, F = gu_NX.shape[0], out.shape[1] if dh_NF is None else dh_NF.shape[1]
     act, form, limit, alpha, gate_cap, up_cap = glu_params
     BLOCK = 1024
-    _glu_rows_kernel[(cdiv(N * F, BLOCK),)](
-        gu_NX, b_EX if b_EX is not None else gu_NX, e_N, dh_NF if dh_NF is not None else gu_NX,
+    launch(
+        _glu_rows_kernel, (cdiv(N * F, BLOCK),), gu_NX, b_EX if b_EX is not None else gu_NX, e_N, dh_NF if dh_NF is not None else gu_NX,
         out, rw_N if rw_N is not None else gu_NX, hw_NF if hw_NF is not None else out, N * F,
         float(limit), float(alpha), float(gate_cap), float(up_cap), F=F,
         HAS_BIAS=b_EX is not None, VJP=dh_NF is not None, WEIGHTED=hw_NF is not None, ACT=act,
@@ -217,8 +220,8 @@ def dot_and_scale(a_NH, a_bias_EH, e_N, b_RH, idx_N, rw_N, scale_a: bool):
     dot = torch.empty(N, dtype=torch.float32, device=a_NH.device)
     out = torch.empty_like(a_NH)
     if N:
-        _dot_and_scale_kernel[(N,)](
-            a_NH, a_bias_EH if a_bias_EH is not None else a_NH, e_N, b_RH, idx_N,
+        launch(
+            _dot_and_scale_kernel, (N,), a_NH, a_bias_EH if a_bias_EH is not None else a_NH, e_N, b_RH, idx_N,
             rw_N.float().contiguous(), dot, out, H=H, A_BIAS=a_bias_EH is not None,
             SCALE_A=scale_a, BLOCK_H=min(1024, next_power_of_2(H)), num_warps=4,
         )  # fmt: skip

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, next_power_of_2
+from .launch import launch
 from .reference import Alignment, max_padded_rows
 
 
@@ -200,11 +201,21 @@ def align_by_expert(
     eob = torch.empty(B, dtype=torch.int32, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
-    _count_kernel[(num_chunks,)](
-        ids, hist, N, chunk, first_expert_id, E=E, E_PAD=E_PAD, SUB=SUB_COUNT, num_warps=4
+    launch(
+        _count_kernel,
+        (num_chunks,),
+        ids,
+        hist,
+        N,
+        chunk,
+        first_expert_id,
+        E=E,
+        E_PAD=E_PAD,
+        SUB=SUB_COUNT,
+        num_warps=4,
     )
-    _scatter_kernel[(num_chunks,)](
-        ids, hist, run, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
+    launch(
+        _scatter_kernel, (num_chunks,), ids, hist, run, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
         cdiv(B, num_chunks), first_expert_id,
         E=E, E_PAD=E_PAD, SUB=SUB, BLOCK_M=block_m,
         CHUNK_ROWS=min(next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), PAIRS=pairs,

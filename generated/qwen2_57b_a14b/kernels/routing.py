@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, next_power_of_2
+from .launch import launch
 
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
 NORMS = ("none", "sum", "pnorm")
@@ -202,8 +203,8 @@ def moe_routing(
     bias = selection_bias_E.float().contiguous() if selection_bias_E is not None else weights
     E_PAD = next_power_of_2(E)
     BLOCK_T = max(1, min(64, 4096 // E_PAD))  # ~4K live scores per program
-    _routing_kernel[(cdiv(T, BLOCK_T),)](
-        logits_TE, bias, ids, weights, T, logits_TE.stride(0),
+    launch(
+        _routing_kernel, (cdiv(T, BLOCK_T),), logits_TE, bias, ids, weights, T, logits_TE.stride(0),
         float(norm_eps), float(norm_clamp_min), float(norm_p), float(scale),
         E=E, K=top_k, E_PAD=E_PAD, K_PAD=next_power_of_2(top_k), BLOCK_T=BLOCK_T,
         SCORE=score, TOPK_ON_LOGITS=topk_on == "logits", HAS_BIAS=selection_bias_E is not None,
