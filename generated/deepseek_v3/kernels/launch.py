@@ -11,16 +11,16 @@ with triton 3.6, against 9.7-9.9 µs for the compiled kernel's own launcher (ben
 time, not by the GPU. ``launch`` keeps the compiled kernel of each key of its own and calls its
 launcher directly from the second call on.
 
-The key holds everything Triton specialises a compilation on, or more: each tensor's dtype and
-whether its address is 16-byte aligned; each integer's size class, whether it is 1 and whether it
-is a multiple of 16; bools; the constexpr values, the warps and stages, and the device. A finer key
-only compiles (once) where Triton would not have needed to; it never reuses a kernel compiled for
-other arguments. Anything else in the arguments (or a launch hook installed, as profilers do)
+The key holds what Triton 3.6 specialises a compilation on for NVIDIA GPUs, or more: each
+tensor's dtype and whether its address is 16-byte aligned; each integer's size class, whether it
+is 1 and whether it is a multiple of 16; bools; the constexpr values, the warps and stages, and the
+device. A finer key only compiles (once) where Triton would not have needed to, so no kernel is
+reused for arguments Triton would have compiled differently. Anything else in the arguments (or a launch hook installed, as profilers do)
 takes the ordinary path.
 
 The compiled launcher's calling convention is Triton's internal one: it is used only with the
-Triton versions it was checked against (``CHECKED``), never under the interpreter, and
-``MOEC_FAST_LAUNCH=0`` turns it off.
+Triton versions it was checked against (``CHECKED``) on NVIDIA GPUs, never under the interpreter,
+and ``MOEC_FAST_LAUNCH=0`` turns it off.
 """
 
 import os
@@ -31,10 +31,12 @@ import triton
 from .configs import INTERPRETED
 
 # The Triton releases whose CompiledKernel.run(grid x, y, z, stream, function, packed metadata,
-# launch metadata, enter hook, exit hook, *every parameter in order) this was checked with.
+# launch metadata, enter hook, exit hook, *every parameter in order) this was checked with, on
+# NVIDIA GPUs (AMD's backend may specialise on more than the key below holds).
 CHECKED = ("3.6.",)
 ENABLED = (
     not INTERPRETED
+    and torch.version.hip is None
     and triton.__version__.startswith(CHECKED)
     and os.environ.get("MOEC_FAST_LAUNCH", "1") != "0"
 )
