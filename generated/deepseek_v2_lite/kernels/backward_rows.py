@@ -130,7 +130,8 @@ def _glu_launch(gu_NX, b_EX, e_N, dh_NF, out, rw_N, hw_NF, glu_params):
     act, form, limit, alpha, gate_cap, up_cap = glu_params
     BLOCK = 1024
     launch(
-        _glu_rows_kernel, (cdiv(N * F, BLOCK),), gu_NX, b_EX if b_EX is not None else gu_NX, e_N, dh_NF if dh_NF is not None else gu_NX,
+        _glu_rows_kernel, (cdiv(N * F, BLOCK),),
+        gu_NX, b_EX if b_EX is not None else gu_NX, e_N, dh_NF if dh_NF is not None else gu_NX,
         out, rw_N if rw_N is not None else gu_NX, hw_NF if hw_NF is not None else out, N * F,
         float(limit), float(alpha), float(gate_cap), float(up_cap), F=F,
         HAS_BIAS=b_EX is not None, VJP=dh_NF is not None, WEIGHTED=hw_NF is not None, ACT=act,
@@ -221,7 +222,8 @@ def dot_and_scale(a_NH, a_bias_EH, e_N, b_RH, idx_N, rw_N, scale_a: bool):
     out = torch.empty_like(a_NH)
     if N:
         launch(
-            _dot_and_scale_kernel, (N,), a_NH, a_bias_EH if a_bias_EH is not None else a_NH, e_N, b_RH, idx_N,
+            _dot_and_scale_kernel, (N,),
+            a_NH, a_bias_EH if a_bias_EH is not None else a_NH, e_N, b_RH, idx_N,
             rw_N.float().contiguous(), dot, out, H=H, A_BIAS=a_bias_EH is not None,
             SCALE_A=scale_a, BLOCK_H=min(1024, next_power_of_2(H)), num_warps=4,
         )  # fmt: skip

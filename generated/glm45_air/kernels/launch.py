@@ -15,8 +15,8 @@ The key holds what Triton 3.6 specialises a compilation on for NVIDIA GPUs, or m
 tensor's dtype and whether its address is 16-byte aligned; each integer's size class, whether it
 is 1 and whether it is a multiple of 16; bools; the constexpr values, the warps and stages, and the
 device. A finer key only compiles (once) where Triton would not have needed to, so no kernel is
-reused for arguments Triton would have compiled differently. Anything else in the arguments (or a launch hook installed, as profilers do)
-takes the ordinary path.
+reused for arguments Triton would have compiled differently. Anything else in the arguments (or
+a launch hook installed, as profilers do) takes the ordinary path.
 
 The compiled launcher's calling convention is Triton's internal one: it is used only with the
 Triton versions it was checked against (``CHECKED``) on NVIDIA GPUs, never under the interpreter,

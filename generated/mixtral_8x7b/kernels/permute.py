@@ -202,20 +202,12 @@ def align_by_expert(
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     launch(
-        _count_kernel,
-        (num_chunks,),
-        ids,
-        hist,
-        N,
-        chunk,
-        first_expert_id,
-        E=E,
-        E_PAD=E_PAD,
-        SUB=SUB_COUNT,
-        num_warps=4,
-    )
+        _count_kernel, (num_chunks,),
+        ids, hist, N, chunk, first_expert_id, E=E, E_PAD=E_PAD, SUB=SUB_COUNT, num_warps=4,
+    )  # fmt: skip
     launch(
-        _scatter_kernel, (num_chunks,), ids, hist, run, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
+        _scatter_kernel, (num_chunks,),
+        ids, hist, run, sorted_ids, eob, offsets, counts, N, chunk, num_chunks, B,
         cdiv(B, num_chunks), first_expert_id,
         E=E, E_PAD=E_PAD, SUB=SUB, BLOCK_M=block_m,
         CHUNK_ROWS=min(next_power_of_2(num_chunks), max(1, 4096 // E_PAD)), PAIRS=pairs,

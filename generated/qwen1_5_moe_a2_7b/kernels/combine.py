@@ -75,7 +75,7 @@ def _launch(o, table, T: int, K: int, E: int, first: int, row_of_slot: bool) -> 
         return y
     BLOCK_H = min(1024, next_power_of_2(H))
     launch(
-        _combine_kernel, (T, cdiv(H, BLOCK_H)), o, table, y, first, E=E, H=H, TOPK=K, ROW_OF_SLOT=row_of_slot, BLOCK_H=BLOCK_H,
-        num_warps=4,
+        _combine_kernel, (T, cdiv(H, BLOCK_H)),
+        o, table, y, first, E=E, H=H, TOPK=K, ROW_OF_SLOT=row_of_slot, BLOCK_H=BLOCK_H, num_warps=4,
     )  # fmt: skip
     return y
