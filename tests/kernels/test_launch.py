@@ -19,11 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moec/templates/ker
 
 from moe_kernels import launch as launch_mod  # noqa: E402
 
+PARAMS = ["x_ptr", "n", "scale", "MODE", "BLOCK"]  # the stand-in kernel's parameters
+
 
 class FakeKernel:
     """A ``@triton.jit`` kernel's interface: ``arg_names``, ``kernel[grid](...)`` -> compiled."""
 
-    def __init__(self, arg_names):
+    def __init__(self, arg_names=PARAMS):
         self.arg_names = arg_names
         self.jit_calls, self.runs = [], []
 
@@ -48,12 +50,14 @@ def fast(monkeypatch):
     monkeypatch.setattr(launch_mod.triton.runtime, "driver", driver)
 
 
-def call(kernel, x, n, grid=(3,), **extra):
-    launch_mod.launch(kernel, grid, x, n, 0.5, BLOCK=16, MODE="a", num_warps=4, **extra)
+def call(kernel, x, n, scale=0.5, grid=(3,), **options):
+    """Launch the stand-in (x_ptr, n, scale; MODE "a", BLOCK 16, 4 warps unless ``options``)."""
+    options = dict(BLOCK=16, MODE="a", num_warps=4) | options
+    launch_mod.launch(kernel, grid, x, n, scale, **options)
 
 
 def test_second_call_runs_the_compiled_kernel_with_every_parameter_in_order(fast):
-    kernel = FakeKernel(["x_ptr", "n", "scale", "MODE", "BLOCK"])
+    kernel = FakeKernel()
     x = torch.zeros(64)
     call(kernel, x, 32)
     assert len(kernel.jit_calls) == 1 and not kernel.runs
@@ -78,32 +82,28 @@ def test_second_call_runs_the_compiled_kernel_with_every_parameter_in_order(fast
     ],
 )
 def test_what_triton_specialises_on_compiles_again(fast, second):
-    kernel = FakeKernel(["x_ptr", "n", "scale", "MODE", "BLOCK"])
+    kernel = FakeKernel()
     first = dict(x=torch.zeros(64), n=17)
-    launch_mod.launch(kernel, (1,), first["x"], first["n"], 0.5, BLOCK=16, MODE="a", num_warps=4)
-    args = first | {k: v for k, v in second.items() if k in first}
-    options = dict(BLOCK=16, MODE="a", num_warps=4) | {
-        k: v for k, v in second.items() if k not in first
-    }
-    launch_mod.launch(kernel, (1,), args["x"], args["n"], 0.5, **options)
+    call(kernel, **first)
+    call(kernel, **(first | second))
     assert len(kernel.jit_calls) == 2 and not kernel.runs
 
 
 def test_numbers_triton_does_not_tell_apart_share_a_kernel(fast):
-    kernel = FakeKernel(["x_ptr", "n", "scale", "MODE", "BLOCK"])
+    kernel = FakeKernel()
     x = torch.zeros(64)
     for n in (17, 33, 1000):
-        launch_mod.launch(kernel, (1,), x, n, float(n), BLOCK=16, MODE="a", num_warps=4)
+        call(kernel, x, n, scale=float(n))
     assert len(kernel.jit_calls) == 1 and len(kernel.runs) == 2
 
 
 def test_other_arguments_hooks_and_unchecked_tritons_take_the_ordinary_path(fast, monkeypatch):
-    kernel = FakeKernel(["x_ptr", "n", "scale", "MODE", "BLOCK"])
+    kernel = FakeKernel()
     x = torch.zeros(64)
     for _ in range(2):  # an argument the key does not know (a string): never cached
-        launch_mod.launch(kernel, (1,), x, "n", 0.5, BLOCK=16, MODE="a", num_warps=4)
+        call(kernel, x, "n")
     # a parameter left to its default is not in the call: the compiled kernel is not kept
-    partial = FakeKernel(["x_ptr", "n", "scale", "MODE", "BLOCK", "EXTRA"])
+    partial = FakeKernel([*PARAMS, "EXTRA"])
     for _ in range(2):
         call(partial, x, 32)
     monkeypatch.setattr(launch_mod, "_hooked", lambda: True)
