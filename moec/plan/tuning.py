@@ -16,11 +16,23 @@ from pathlib import Path
 
 from moec.errors import UsageError
 
-GEMM_FIELDS = {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tail_div"}
+GEMM_FIELDS = {
+    "block_m",
+    "block_n",
+    "block_k",
+    "group_m",
+    "num_warps",
+    "num_stages",
+    "tail_div",
+    "fold_m",
+}
 POW2 = {"block_m", "block_n", "block_k"}
 # the kernels' tail tiles, half or quarter height (optional field, default 2): the kernel library's
 # configs.TAIL_DIVS, which the compiler renders as a template and does not import
 TAIL_DIVS = (2, 4)
+# rows of an expert's last block folded into the block before it (optional field, default 0 = off):
+# configs.FOLD_MS
+FOLD_MS = (0, 16, 32, 64)
 WEIGHTS = ("dense", "int8", "int4", "fp8")
 
 Table = tuple[tuple[tuple[int, int, int, int, str], tuple[tuple[int, dict], ...]], ...]
@@ -76,6 +88,10 @@ def _config(config: dict, where: str) -> dict:
         if set(fields) - GEMM_FIELDS or not {"block_m", "block_n", "block_k"} <= set(fields):
             raise UsageError(f"{where}.{side}: fields must be {sorted(GEMM_FIELDS)}")
         for name, value in fields.items():
+            if name == "fold_m":
+                if not isinstance(value, int) or isinstance(value, bool) or value not in FOLD_MS:
+                    raise UsageError(f"{where}.{side}.fold_m: must be one of {list(FOLD_MS)}")
+                continue
             if not isinstance(value, int) or value < 1 or (name in POW2 and value & (value - 1)):
                 raise UsageError(
                     f"{where}.{side}.{name}: must be a positive integer{' power of 2' if name in POW2 else ''}"

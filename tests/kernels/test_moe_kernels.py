@@ -281,6 +281,90 @@ def test_experts_quarter_tail_tiles(monkeypatch, kw):
     assert rel_err(y, ref64(*args, **kw)) < TOL[torch.float32]
 
 
+FOLD_COUNTS = [74, 20, 80, 81, 5, 130, 64]  # slots per expert: see test_experts_folded_tails
+
+
+@pytest.mark.parametrize("blocks", [(64, 64), (32, 64)], ids=["both_fold", "down_folds"])
+@pytest.mark.parametrize("tail_div", [2, 4])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(bias=True, glu_form="gpt_oss", limit=1.5), dict(weight_on_input=True)]
+)
+def test_experts_folded_tails(monkeypatch, blocks, tail_div, kw):
+    """With ``fold_m`` 16 and 64-row blocks, an expert's last block of at most 16 slots after a
+    full block is computed by the full block's program: 74 and 130 slots (10 and 2 folded), 80
+    (16, the most a fold takes), 81 (17: a tail tile), 5 and 20 (one short block, nothing to fold
+    into), 64 (a full block followed by another expert's). With up blocks of 32 rows the up GEMM's
+    blocks are not the alignment's and it runs without the fold; the down GEMM folds."""
+    from moe_kernels import grouped_gemm
+
+    monkeypatch.setattr(grouped_gemm, "TAIL_MIN_BLOCK_M", 64)
+    kw = dict(kw)
+    up_m, down_m = blocks
+    up = GemmConfig(up_m, 16, 16, 2, 4, 1, tail_div=tail_div, fold_m=16)
+    down = GemmConfig(down_m, 32, 16, 1, 4, 1, tail_div=tail_div, fold_m=16)
+    assert grouped_gemm._fold_m(down, 64) == 16
+    assert grouped_gemm._fold_m(up, 64) == (16 if up_m == 64 else 0)
+    H, F, E = 40, 24, len(FOLD_COUNTS)
+    T = sum(FOLD_COUNTS)
+    x, _, _, w_up, w_down, b_up, b_down = make_experts(
+        T, H, F, E, 1, torch.float32, kw.get("glu_form", "standard"), kw.pop("bias", False), seed=9
+    )
+    g = torch.Generator().manual_seed(4)
+    ids = torch.repeat_interleave(torch.arange(E), torch.tensor(FOLD_COUNTS))
+    ids = ids[torch.randperm(T, generator=g)][:, None]
+    w = torch.rand(T, 1, generator=g)
+    args = (x, ids, w, w_up, w_down, b_up, b_down)
+    y = mk.moe_experts_triton(*args, config=MoeConfig(up, down), **kw)
+    assert rel_err(y, ref64(*args, **kw)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_experts_folded_tails_quantized(monkeypatch, bits):
+    """The fold with weight-only quantised experts: the converted weight tile feeds both dots."""
+    from moe_kernels import grouped_gemm
+
+    monkeypatch.setattr(grouped_gemm, "TAIL_MIN_BLOCK_M", 64)
+    cfg = MoeConfig(
+        GemmConfig(64, 16, 16, 2, 4, 1, fold_m=16), GemmConfig(64, 32, 16, 1, 4, 1, 2, 16)
+    )
+    H, F, E = 40, 24, len(FOLD_COUNTS)
+    T = sum(FOLD_COUNTS)
+    x, _, _, w_up, w_down, _, _ = make_experts(T, H, F, E, 1, torch.float32, seed=9)
+    ids = torch.repeat_interleave(torch.arange(E), torch.tensor(FOLD_COUNTS))[:, None]
+    w = torch.rand(T, 1, generator=torch.Generator().manual_seed(4))
+    (q_up, s_up), (q_down, s_down) = QUANTIZE[bits](w_up), QUANTIZE[bits](w_down)
+    y = mk.moe_experts_triton(
+        x, ids, w, q_up, q_down, w_up_scale_EX=s_up, w_down_scale_EH=s_down, config=cfg
+    )
+    deq = [reference.dequantize(q, s, torch.float32) for q, s in ((q_up, s_up), (q_down, s_down))]
+    assert rel_err(y, ref64(x, ids, w, *deq, None, None)) < TOL[torch.float32]
+
+
+def test_up_proj_folded_tails_store_the_pre_activations():
+    """The folded rows' pre-activations (kept for the backward) are written to their slots' rows,
+    as the other rows' are: the same as without the fold."""
+    from moe_kernels import grouped_gemm
+
+    H, F, E = 40, 24, len(FOLD_COUNTS)
+    T = sum(FOLD_COUNTS)
+    x, _, _, w_up, _, b_up, _ = make_experts(T, H, F, E, 1, torch.float32, bias=True, seed=9)
+    ids = torch.repeat_interleave(torch.arange(E), torch.tensor(FOLD_COUNTS))
+    ids = ids[torch.randperm(T, generator=torch.Generator().manual_seed(4))][:, None].int()
+    al = permute.align_by_expert(ids, E, 64)
+    out = {}
+    for fold_m in (0, 16):
+        gu = torch.full((T, 2 * F), float("nan"))
+        c = GemmConfig(64, 16, 16, 2, 4, 1, fold_m=fold_m)
+        h = grouped_gemm.up_proj(
+            x, w_up, b_up, None, al.sorted_slot_ids_P, al.expert_of_block_B, 1, c, gu_out_NX=gu
+        )
+        valid = al.sorted_slot_ids_P < T
+        out[fold_m] = h[valid], gu
+    torch.testing.assert_close(out[16][0], out[0][0])
+    torch.testing.assert_close(out[16][1], out[0][1])
+    assert not out[16][1].isnan().any()  # every slot's row written
+
+
 def test_experts_default_config_fp32():
     args = make_experts(6, 40, 24, 5, 2, torch.float32, seed=3)
     assert rel_err(mk.moe_experts_triton(*args), ref64(*args)) < 1e-5

@@ -38,6 +38,7 @@ def next_power_of_2(n: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 TAIL_DIVS = (2, 4)
+FOLD_MS = (0, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class GemmConfig:
     ``tail_div``: with row blocks of ``grouped_gemm.TAIL_MIN_BLOCK_M`` rows or more, an expert's
     last block holding at most block_m / 2 slots runs a half-height tile, and with ``tail_div`` 4
     one holding at most block_m / 4 a quarter-height one (2 or 4; no effect on smaller blocks).
+
+    ``fold_m``: an expert's last block holding at most ``fold_m`` slots (16, 32 or 64; 0 = off) is
+    computed by the program of the expert's block before it, from the same weight tiles, instead
+    of a program of its own. Only where fold_m < block_m and this GEMM's block_m is the alignment
+    (the larger block_m of the two GEMMs); otherwise no effect.
     """
 
     block_m: int
@@ -56,10 +62,13 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tail_div: int = 2
+    fold_m: int = 0
 
     def __post_init__(self):
         if self.tail_div not in TAIL_DIVS:
             raise ValueError(f"tail_div must be one of {TAIL_DIVS} (got {self.tail_div})")
+        if self.fold_m not in FOLD_MS:
+            raise ValueError(f"fold_m must be one of {FOLD_MS} (got {self.fold_m})")
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,12 @@ def default_config(
     T=4096 and 1.01-1.02x at T=16384; Mixtral-8x7B (8 experts), OLMoE and Qwen3 (small experts)
     0.99-1.00x.
 
+    Folded tails (``fold_m`` 32: an expert's last block of at most 32 slots computed by the
+    program of its full block before it) are used in the same regime, for dense weights: the
+    expert's weights then stream once. Measured on an H200 (2026-12-02, bench/kernel_switches.py,
+    four alternating rounds): DeepSeek-V3 1.10x at T=4096 and 1.03x at T=16384; Mixtral-8x7B,
+    OLMoE and Qwen3 0.96-1.01x, where the longer programs cost more than the weights they save.
+
     ``weights`` ("dense", "int8", "int4", "fp8": how the expert weights are stored) keeps the
     earlier tiles where the H200 tiles measured slower for that format (bench/moe_quant.py,
     2026-12-01): fp8 at <= 8 rows (Mixtral T=16 0.473 vs 0.592 ms, Qwen3 0.161 vs 0.175 ms) and
@@ -132,9 +147,11 @@ def default_config(
     elif rows <= 48:
         up, down = GemmConfig(64, 128, 64, 1, 4, 4), GemmConfig(64, 128, 64, 1, 4, 3)
     else:
-        tail_div = 4 if E >= 64 and H * F >= 8 << 20 else 2
-        up = GemmConfig(128, 128, 64, 8, 8, 4, tail_div)
-        down = GemmConfig(128, 256, 64, 8, 8, 4, tail_div)
+        many_large = E >= 64 and H * F >= 8 << 20
+        tail_div = 4 if many_large else 2
+        fold_m = 32 if many_large and weights == "dense" else 0
+        up = GemmConfig(128, 128, 64, 8, 8, 4, tail_div, fold_m)
+        down = GemmConfig(128, 256, 64, 8, 8, 4, tail_div, fold_m)
     if dtype == torch.float32:  # 4-byte tiles: keep the shared-memory ring within 227 KB
         up, down = (replace(c, block_k=min(c.block_k, 32), num_stages=2) for c in (up, down))
     return MoeConfig(_fit(up, H, F), _fit(down, F, H))

@@ -18,6 +18,12 @@ Tail tiles: with tiles of ``TAIL_MIN_BLOCK_M`` rows or more, a row block holding
 block of slots (an expert's last) runs a half-height tile, so its padding rows are not multiplied;
 with the config's ``tail_div`` 4, one of at most a quarter block a quarter-height tile.
 
+Folded tails (the config's ``fold_m``): an expert's last block holding at most ``fold_m`` slots,
+after a full block of the same expert, runs no program of its own. The full block's program also
+computes those rows, from the same weight tiles in shared memory, so the expert's weights stream
+through the SMs once instead of twice (DeepSeek-V3 at T=4096: ~128 rows per expert, and about half
+the experts hold a few more).
+
 Shape legend: T tokens, H hidden, F expert width, E experts, K top-k, N = T*K slots,
 P padded rows (multiple of BLOCK_M), X = 2F (GLU) or F (plain MLP).
 """
@@ -68,6 +74,26 @@ def _block_rows(pid_m, sorted_ptr, N, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _fold_rows(pid_m, num_blocks_m, eob_ptr, sorted_ptr, N, e, BLOCK_M: tl.constexpr,
+               FOLD_M: tl.constexpr):  # fmt: skip
+    """Fold of an expert's last few slots into the program of its previous block (row blocks as
+    tall as the alignment, so that block i is eob[i]): the slots of block pid_m + 1 when it is
+    expert e's last and holds at most FOLD_M (this program computes them too), -1 when block pid_m
+    is such a block (computed by the program of block pid_m - 1: skip it), else 0."""
+    prev = tl.load(eob_ptr + pid_m - 1, mask=pid_m > 0, other=-1)
+    nxt = tl.load(eob_ptr + pid_m + 1, mask=pid_m + 1 < num_blocks_m, other=-1)
+    fold = 0
+    if prev == e:
+        if _block_rows(pid_m, sorted_ptr, N, BLOCK_M) <= FOLD_M:
+            fold = -1
+    if nxt == e:
+        nxt_rows = _block_rows(pid_m + 1, sorted_ptr, N, BLOCK_M)
+        if nxt_rows <= FOLD_M:
+            fold = nxt_rows
+    return fold
+
+
+@triton.jit
 def _up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, X, H]   X = 2F (gate rows, then up rows) or F
@@ -96,6 +122,7 @@ def _up_kernel(
     STORE_GU: tl.constexpr,
     ALIGN_M: tl.constexpr,
     TAIL_M: tl.constexpr,
+    FOLD_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -105,7 +132,40 @@ def _up_kernel(
     e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
     if e < 0:
         return
-    # A block holding at most TAIL_M slots (an expert's last) computes TAIL_M rows, not BLOCK_M.
+    # An expert's last block holding at most FOLD_M slots is computed by the program of the
+    # block before it (from the same weight tiles), and skipped here.
+    if FOLD_M > 0:
+        fold = _fold_rows(pid_m, num_blocks_m, eob_ptr, sorted_ptr, N, e, BLOCK_M, FOLD_M)
+        if fold > 0:
+            _up_tile(
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+                gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+                W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M, BLOCK_N, BLOCK_K, FOLD_M,
+            )  # fmt: skip
+        elif fold == 0:
+            _up_block(
+                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+                gate_cap, up_cap, pid_m, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED,
+                W_INT4, WEIGHT_ON_INPUT, STORE_GU, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+    else:
+        _up_block(
+            x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+            gate_cap, up_cap, pid_m, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED,
+            W_INT4, WEIGHT_ON_INPUT, STORE_GU, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _up_block(
+    x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha, gate_cap,
+    up_cap, pid_m, pid_n, e, H: tl.constexpr, F: tl.constexpr, TOPK: tl.constexpr,
+    ACT: tl.constexpr, FORM: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
+    W_INT4: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, STORE_GU: tl.constexpr,
+    TAIL_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Row block pid_m of expert e, in the tile its slots need: a block holding at most TAIL_M
+    slots (an expert's last) computes TAIL_M rows, not BLOCK_M."""
     # The constexpr test comes first, so that without tail tiles no 0-row tile is compiled.
     if TAIL_M > 0:
         rows = _block_rows(pid_m, sorted_ptr, N, BLOCK_M)
@@ -147,23 +207,23 @@ def _up_tile(
     up_cap, row0, pid_n, e, H: tl.constexpr, F: tl.constexpr, TOPK: tl.constexpr,
     ACT: tl.constexpr, FORM: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
     W_INT4: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, STORE_GU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD_M: tl.constexpr = 0,
 ):  # fmt: skip
-    """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the up GEMM, all of expert e."""
+    """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the up GEMM, all of expert e; with
+    FOLD_M > 0 also the FOLD_M rows after them (the expert's last few), from the same weight tiles.
+    """
     GLU: tl.constexpr = FORM != "none"
     X: tl.constexpr = 2 * F if GLU else F
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ptr + offs_m)
-    row_ok = slot < N
-    tok = tl.where(row_ok, slot // TOPK, 0).to(tl.int64)  # padding rows read token 0, never stored
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_wn = offs_n % F  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
     KW: tl.constexpr = H // 2 if W_INT4 else H  # stored weight row length (int4: 2 per byte)
     BKW: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
     offs_kw = tl.arange(0, BKW)
 
-    a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
+    a_ptrs = x_ptr + _token_rows(sorted_ptr, offs_m, N, TOPK)[:, None] * H + offs_k[None, :]
+    if FOLD_M > 0:
+        offs_f = row0 + BLOCK_M + tl.arange(0, FOLD_M)
+        f_ptrs = x_ptr + _token_rows(sorted_ptr, offs_f, N, TOPK)[:, None] * H + offs_k[None, :]
     w_e = w_ptr + e.to(tl.int64) * (X * KW)
     EVEN_K: tl.constexpr = H % BLOCK_K == 0  # no masks in the main loop (the usual case)
     if GLU:
@@ -174,10 +234,14 @@ def _up_tile(
         offs_wr = (pid_n * BLOCK_N + j // 2) % F + (j % 2) * F  # weight row of each column
         NB: tl.constexpr = 2 * BLOCK_N
     else:
-        offs_wr = offs_wn
+        offs_wr = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % F  # wrapped columns: not stored
         NB: tl.constexpr = BLOCK_N
     b_ptrs = w_e + offs_wr[None, :] * KW + offs_kw[:, None]  # [BKW, NB] view of W.T
     acc = tl.zeros([BLOCK_M, NB], dtype=tl.float32)
+    if FOLD_M > 0:
+        # The fold's rows, transposed (weight columns x rows): a dot of FOLD_M < 64 rows cannot
+        # run as Hopper's warp-group MMA (64 rows per warp group), its transpose can.
+        acc_f = tl.zeros([NB, FOLD_M], dtype=tl.float32)
     for k in range(0, tl.cdiv(H, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -185,10 +249,53 @@ def _up_tile(
         else:
             a = tl.load(a_ptrs, mask=(offs_k < H - k * BLOCK_K)[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0.0)
-        acc = tl.dot(a, weight_tile(b, a.dtype, W_INT4), acc)
+        wt = weight_tile(b, a.dtype, W_INT4)
+        acc = tl.dot(a, wt, acc)
+        if FOLD_M > 0:
+            if EVEN_K:
+                af = tl.load(f_ptrs)
+            else:
+                af = tl.load(f_ptrs, mask=(offs_k < H - k * BLOCK_K)[None, :], other=0.0)
+            acc_f = tl.dot(tl.trans(wt), tl.trans(af), acc_f)
+            f_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BKW
+    _up_store(
+        acc, offs_m, offs_wr, pid_n, e, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit,
+        alpha, gate_cap, up_cap, F, ACT, FORM, HAS_BIAS, W_SCALED, WEIGHT_ON_INPUT, STORE_GU,
+        BLOCK_N,
+    )  # fmt: skip
+    if FOLD_M > 0:
+        _up_store(
+            tl.trans(acc_f), offs_f, offs_wr, pid_n, e, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr,
+            gu_ptr, N, limit, alpha, gate_cap, up_cap, F, ACT, FORM, HAS_BIAS, W_SCALED,
+            WEIGHT_ON_INPUT, STORE_GU, BLOCK_N,
+        )  # fmt: skip
 
+
+@triton.jit
+def _token_rows(sorted_ptr, offs_m, N, TOPK: tl.constexpr):
+    """x's row of each padded row (int64): its slot's token; padding rows read token 0 (never
+    stored)."""
+    slot = tl.load(sorted_ptr + offs_m)
+    return tl.where(slot < N, slot // TOPK, 0).to(tl.int64)
+
+
+@triton.jit
+def _up_store(
+    acc, offs_m, offs_wr, pid_n, e, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit,
+    alpha, gate_cap, up_cap, F: tl.constexpr, ACT: tl.constexpr, FORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    STORE_GU: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The up GEMM's epilogue for rows offs_m (acc's columns are weight rows offs_wr): scales,
+    routing weight, bias, GLU; store h (and the pre-activations by slot)."""
+    GLU: tl.constexpr = FORM != "none"
+    X: tl.constexpr = 2 * F if GLU else F
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    slot = tl.load(sorted_ptr + offs_m)
+    row_ok = slot < N
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if W_SCALED:  # x (q * s).T == (x q.T) * s: one scale per weight row, i.e. per column here
         acc = acc * tl.load(s_ptr + e * X + offs_wr)[None, :]
     if WEIGHT_ON_INPUT:  # (w x) W.T == w (x W.T): scale the rows before the bias
@@ -230,6 +337,7 @@ def _down_kernel(
     MUL_WEIGHT: tl.constexpr,
     ALIGN_M: tl.constexpr,
     TAIL_M: tl.constexpr,
+    FOLD_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -239,27 +347,54 @@ def _down_kernel(
     e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
     if e < 0:
         return
-    if TAIL_M > 0:  # as in _up_kernel
+    if FOLD_M > 0:  # (constexpr) as in _up_kernel
+        fold = _fold_rows(pid_m, num_blocks_m, eob_ptr, sorted_ptr, N, e, BLOCK_M, FOLD_M)
+        if fold > 0:
+            _down_tile(
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n,
+                e, H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K, FOLD_M,
+            )  # fmt: skip
+        elif fold == 0:
+            _down_block(
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m, pid_n, e, H, F,
+                HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+    else:
+        _down_block(
+            h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m, pid_n, e, H, F,
+            HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def _down_block(
+    h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m, pid_n, e, H: tl.constexpr,
+    F: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, W_INT4: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Row block pid_m of expert e, in the tile its slots need (as ``_up_block``)."""
+    if TAIL_M > 0:
         rows = _block_rows(pid_m, sorted_ptr, N, BLOCK_M)
         if rows <= TAIL_M:
             _down_tile(
-                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
-                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_N, BLOCK_K,
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n,
+                e, H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         elif TAIL_M == BLOCK_M // 2:
             _down_tile(
-                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
-                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n,
+                e, H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         elif rows <= BLOCK_M // 2:
             _down_tile(
-                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
-                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n,
+                e, H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M // 2, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         else:
             _down_tile(
-                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
-                H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
+                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n,
+                e, H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         _down_tile(
@@ -273,11 +408,12 @@ def _down_tile(
     h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, row0, pid_n, e, H: tl.constexpr,
     F: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, W_INT4: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FOLD_M: tl.constexpr = 0,
 ):  # fmt: skip
-    """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the down GEMM, all of expert e."""
+    """Rows [row0, row0 + BLOCK_M) x output columns pid_n of the down GEMM, all of expert e; with
+    FOLD_M > 0 also the FOLD_M rows after them (the expert's last few), from the same weight tiles.
+    """
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ptr + offs_m)
-    row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wn = offs_n % H
     offs_k = tl.arange(0, BLOCK_K)
@@ -288,6 +424,10 @@ def _down_tile(
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * F + offs_k[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * (H * KW) + offs_wn[None, :] * KW + offs_kw[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FOLD_M > 0:
+        offs_f = row0 + BLOCK_M + tl.arange(0, FOLD_M)
+        f_ptrs = h_ptr + offs_f[:, None].to(tl.int64) * F + offs_k[None, :]
+        acc_f = tl.zeros([BLOCK_N, FOLD_M], dtype=tl.float32)  # transposed: see _up_tile
     EVEN_K: tl.constexpr = F % BLOCK_K == 0
     for k in range(0, tl.cdiv(F, BLOCK_K)):
         if EVEN_K:
@@ -297,10 +437,36 @@ def _down_tile(
             k_ok = offs_k < F - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=(offs_kw < KW - k * BKW)[:, None], other=0.0)
-        acc = tl.dot(a, weight_tile(b, a.dtype, W_INT4), acc)
+        wt = weight_tile(b, a.dtype, W_INT4)
+        acc = tl.dot(a, wt, acc)
+        if FOLD_M > 0:
+            if EVEN_K:
+                af = tl.load(f_ptrs)
+            else:
+                af = tl.load(f_ptrs, mask=(offs_k < F - k * BLOCK_K)[None, :], other=0.0)
+            acc_f = tl.dot(tl.trans(wt), tl.trans(af), acc_f)
+            f_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BKW
+    _down_store(
+        acc, offs_m, offs_n, offs_wn, e, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, H,
+        HAS_BIAS, W_SCALED, MUL_WEIGHT,
+    )  # fmt: skip
+    if FOLD_M > 0:
+        _down_store(
+            tl.trans(acc_f), offs_f, offs_n, offs_wn, e, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr,
+            N, H, HAS_BIAS, W_SCALED, MUL_WEIGHT,
+        )  # fmt: skip
 
+
+@triton.jit
+def _down_store(
+    acc, offs_m, offs_n, offs_wn, e, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N,
+    H: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+):  # fmt: skip
+    """The down GEMM's epilogue for rows offs_m: scales, bias, routing weight; store by slot."""
+    slot = tl.load(sorted_ptr + offs_m)
+    row_ok = slot < N
     if W_SCALED:
         acc = acc * tl.load(s_ptr + e * H + offs_wn)[None, :]
     if HAS_BIAS:
@@ -327,6 +493,12 @@ def _tail_m(c: GemmConfig) -> int:
     """TAIL_M of the kernels: the rows of the smallest tile for a block's last few slots (half a
     block, or a quarter with ``tail_div`` 4), 0 = no such tile."""
     return 0 if c.block_m < TAIL_MIN_BLOCK_M else c.block_m // c.tail_div
+
+
+def _fold_m(c: GemmConfig, align_m: int) -> int:
+    """FOLD_M of the kernels: ``fold_m`` where this GEMM's row blocks are the alignment's (so
+    block i is expert eob[i]'s) and taller than the fold, else 0 (no fold)."""
+    return c.fold_m if c.block_m == align_m and c.fold_m < c.block_m else 0
 
 
 def _launch(kernel, grid: tuple, config: GemmConfig, key: tuple, *args, **constexprs) -> None:
@@ -408,7 +580,7 @@ def up_proj(
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
         W_SCALED=w_up_scale_EX is not None, W_INT4=int4,
         WEIGHT_ON_INPUT=topk_weights_N is not None, STORE_GU=gu_out_NX is not None, ALIGN_M=align_m,
-        TAIL_M=_tail_m(config),
+        TAIL_M=_tail_m(config), FOLD_M=_fold_m(config, align_m),
     )  # fmt: skip
     return h
 
@@ -441,6 +613,6 @@ def down_proj(
         sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
         H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
         W_INT4=w_down_EHF.dtype == torch.uint8, MUL_WEIGHT=topk_weights_N is not None,
-        ALIGN_M=align_m, TAIL_M=_tail_m(config),
+        ALIGN_M=align_m, TAIL_M=_tail_m(config), FOLD_M=_fold_m(config, align_m),
     )  # fmt: skip
     return o

@@ -8,7 +8,7 @@
 → combine, ``moe_experts_triton``) on a random routing (softmax of random logits → top-k → renorm),
 checks each candidate's output against the default config's, and keeps the fastest. The search is
 three coordinate passes around ``default_config``: both GEMMs' block_m halved or doubled together,
-then the up GEMM's tiles, then the down GEMM's with the winning up config (at most 2 + 2 × 21
+then the up GEMM's tiles, then the down GEMM's with the winning up config (at most 2 + 2 × 22
 candidates per token count). The winner is then re-timed against the default, alternately, and
 kept only when it is at least ``MIN_GAIN`` faster (``confirm``). Groups with weight-only int8 /
 int4 / fp8 weights are tuned with weights stored that way: converting the tiles in registers moves
@@ -36,7 +36,7 @@ from .configs import GemmConfig, MoeConfig, _fit, default_config
 from .grouped_gemm import TAIL_MIN_BLOCK_M
 from .ops import moe_experts_triton
 
-MAX_PER_GEMM = 21  # candidates per GEMM and token count (3 passes: <= 2 + 42 timed configs)
+MAX_PER_GEMM = 22  # candidates per GEMM and token count (3 passes: <= 2 + 44 timed configs)
 MAX_REL_ERR = 1e-2  # a candidate's output vs the default's (bf16 sums in another order: ~1e-3)
 # The fastest of ~40 noisy timings is biased low (the winner's curse): an OLMoE table whose search
 # found its tiles 1.02-1.06x faster was no faster in the layer (H200, bench/RESULTS.md, 2026-12-01).
@@ -60,6 +60,7 @@ def candidates(c: GemmConfig, reduce_dim: int, out_dim: int, fp32: bool) -> list
         dict(group_m=1 if c.group_m > 1 else 8),
         dict(group_m=16),
         dict(tail_div=4 if c.tail_div == 2 else 2),
+        dict(fold_m=32 if c.fold_m == 0 else 0),
         dict(block_n=c.block_n * 2, block_k=c.block_k // 2),
         dict(block_n=c.block_n // 2, block_k=c.block_k * 2),
         dict(block_m=c.block_m * 2, num_warps=8),
@@ -78,6 +79,8 @@ def candidates(c: GemmConfig, reduce_dim: int, out_dim: int, fp32: bool) -> list
             continue
         if n.tail_div != c.tail_div and n.block_m < TAIL_MIN_BLOCK_M:  # no tail tiles there
             continue
+        if n.fold_m >= n.block_m:  # no fold there
+            n = replace(n, fold_m=0)
         if fp32 and n.block_k > 32:
             continue
         if n not in out:
@@ -242,7 +245,8 @@ def _progress(text: str) -> None:
 
 
 def _short(c: GemmConfig) -> str:
-    return f"{c.block_m}x{c.block_n}x{c.block_k}/g{c.group_m}/w{c.num_warps}/s{c.num_stages}"
+    fold = f"/f{c.fold_m}" if c.fold_m else ""
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/g{c.group_m}/w{c.num_warps}/s{c.num_stages}{fold}"
 
 
 def _measure(run, cfg: MoeConfig, y_ref: torch.Tensor, rep_ms: int) -> float | None:
