@@ -9,6 +9,9 @@ Switches:
 - ``quarter_tails`` (config field ``tail_div`` 4 against 2, on the default tiles of each shape and
   token count): with 128-row tiles, one holding at most 32 slots runs as a 32-row tile.
   ``default_config`` turns it on for many large experts (measured 2026-12-02).
+- ``fold`` (config field ``fold_m`` 32 against 0, on the default tiles): an expert's last block of
+  at most 32 slots computed by the program of the full block before it. ``default_config`` turns
+  it on for many large experts with dense weights (measured 2026-12-02).
 
 A switch measured and settled leaves the kernels (one code path each); ``fused_glu_dot`` (one dot
 over interleaved gate and up columns against two dots sharing A) was one, 2026-12-01, and
@@ -50,7 +53,19 @@ def quarter_tails(on: bool, T, H, F, E, K):
     yield MoeConfig(replace(c.up, tail_div=tail_div), replace(c.down, tail_div=tail_div))
 
 
-SWITCHES = {"tail_tiles": tail_tiles, "quarter_tails": quarter_tails}
+@contextlib.contextmanager
+def fold(on: bool, T, H, F, E, K):
+    """The default tiles with ``fold_m`` 32 (on) or 0 (off)."""
+    c = default_config(T, H, F, E, K, torch.bfloat16)
+    fold_m = 32 if on else 0
+    yield MoeConfig(replace(c.up, fold_m=fold_m), replace(c.down, fold_m=fold_m))
+
+
+SWITCHES = {
+    "tail_tiles": tail_tiles,
+    "quarter_tails": quarter_tails,
+    "fold": fold,
+}
 
 
 def compare(switch, rounds, shape, x, ids, w, w_up, w_down) -> tuple[float, float, float]:
