@@ -288,6 +288,33 @@ def test_experts_quantised_backward_bf16(weights):
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+def test_folded_tails_quantised_bf16(weights):
+    """A table may fold tails for weight-only int8 / int4 / fp8 experts (the default does not):
+    the converted weight tile then also feeds the transposed dot. 1024 tokens over 64 experts
+    (~128 rows each, 128-row blocks): bit-identical to the unfolded tiles, and equal to float32
+    through the dequantised weights."""
+    from dataclasses import replace
+
+    from moe_kernels import tune
+    from moe_kernels.configs import MoeConfig, default_config
+
+    H, F, E, K, T = 2048, 1024, 64, 8, 1024
+    x, ids, w, experts = tune.random_problem(T, H, F, E, K, torch.bfloat16, weights=weights)
+    c = default_config(T, H, F, E, K, torch.bfloat16, weights)
+    assert c.block_m == 128 and c.up.fold_m == 0
+    counts = torch.bincount(ids.flatten().long(), minlength=E)
+    assert ((counts > 128) & (counts % 128 > 0) & (counts % 128 <= 32)).sum() >= 4  # folds run
+    fold = MoeConfig(replace(c.up, fold_m=32), replace(c.down, fold_m=32))
+    y = mk.moe_experts_triton(x, ids, w, **experts, config=fold)
+    assert torch.equal(y, mk.moe_experts_triton(x, ids, w, **experts, config=c))
+    deq = [
+        reference.dequantize(experts[q], experts[s], torch.float32)
+        for q, s in (("w_up_EXH", "w_up_scale_EX"), ("w_down_EHF", "w_down_scale_EH"))
+    ]
+    assert rel_err(y, reference.moe_experts(x.float(), ids, w, *deq)) < 1e-2
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
 def test_tuner_times_quantised_groups(weights):
     """``tune`` on weight-only int8 / int4 / fp8 weights stored that way (a small Qwen3-like group,
     one bucket): every candidate that runs agrees with the default, and a table comes back."""

@@ -124,8 +124,9 @@ def default_config(
 
     Folded tails (``fold_m`` 32: an expert's last block of at most 32 slots computed by the
     program of its full block before it) are used in the same regime, for dense weights: the
-    expert's weights then stream once. Measured on an H200 (2026-12-02, bench/kernel_switches.py,
-    four alternating rounds): DeepSeek-V3 1.10x at T=4096 and 1.03x at T=16384; Mixtral-8x7B,
+    expert's weights then stream once. Measured on an H200 (2026-12-02, bench/kernel_switches.py
+    and a fold-height A/B, rounds in turn, three runs): DeepSeek-V3 1.07-1.13x at T=4096 and
+    0.99-1.03x at T=16384 (where a quarter of the experts end in a foldable block); Mixtral-8x7B,
     OLMoE and Qwen3 0.96-1.01x, where the longer programs cost more than the weights they save.
 
     ``weights`` ("dense", "int8", "int4", "fp8": how the expert weights are stored) keeps the
