@@ -381,9 +381,11 @@ def test_default_tiles_fold_tails_for_many_large_dense_experts():
         configs.GemmConfig(128, 128, 64, fold_m=128)
 
     c = configs.default_config(4096, 7168, 2048, 256, 8, torch.bfloat16).up
-    assert any(n.fold_m == 0 and n.block_m == c.block_m for n in tune.candidates(c, 7168, 2048, 0))
+    assert any(
+        n.fold_m == 0 and n.block_m == c.block_m for n in tune.candidates(c, 7168, 2048, False)
+    )
     small = configs.GemmConfig(64, 64, 64, fold_m=32)  # halving block_m drops the fold
-    moves = tune.candidates(small, 64, 64, 0)[1:]
+    moves = tune.candidates(small, 64, 64, False)[1:]
     assert any(n.block_m == 32 for n in moves)
     assert all(n.fold_m < n.block_m or n.fold_m == 0 for n in moves)
 
