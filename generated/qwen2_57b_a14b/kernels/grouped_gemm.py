@@ -134,21 +134,18 @@ def _up_kernel(
         return
     # An expert's last block holding at most FOLD_M slots is computed by the program of the
     # block before it (from the same weight tiles), and skipped here.
+    # Without a fold (constexpr) `fold` stays the Python int 0: the branches below resolve at
+    # compile time and only _up_block is compiled.
+    fold = 0
     if FOLD_M > 0:
         fold = _fold_rows(pid_m, num_blocks_m, eob_ptr, sorted_ptr, N, e, BLOCK_M, FOLD_M)
-        if fold > 0:
-            _up_tile(
-                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
-                gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
-                W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M, BLOCK_N, BLOCK_K, FOLD_M,
-            )  # fmt: skip
-        elif fold == 0:
-            _up_block(
-                x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
-                gate_cap, up_cap, pid_m, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED,
-                W_INT4, WEIGHT_ON_INPUT, STORE_GU, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-    else:
+    if fold > 0:
+        _up_tile(
+            x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
+            gate_cap, up_cap, pid_m * BLOCK_M, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS,
+            W_SCALED, W_INT4, WEIGHT_ON_INPUT, STORE_GU, BLOCK_M, BLOCK_N, BLOCK_K, FOLD_M,
+        )  # fmt: skip
+    elif fold == 0:
         _up_block(
             x_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, h_ptr, gu_ptr, N, limit, alpha,
             gate_cap, up_cap, pid_m, pid_n, e, H, F, TOPK, ACT, FORM, HAS_BIAS, W_SCALED,
@@ -347,19 +344,15 @@ def _down_kernel(
     e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
     if e < 0:
         return
-    if FOLD_M > 0:  # (constexpr) as in _up_kernel
+    fold = 0  # as in _up_kernel
+    if FOLD_M > 0:
         fold = _fold_rows(pid_m, num_blocks_m, eob_ptr, sorted_ptr, N, e, BLOCK_M, FOLD_M)
-        if fold > 0:
-            _down_tile(
-                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n,
-                e, H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K, FOLD_M,
-            )  # fmt: skip
-        elif fold == 0:
-            _down_block(
-                h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m, pid_n, e, H, F,
-                HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-    else:
+    if fold > 0:
+        _down_tile(
+            h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m * BLOCK_M, pid_n, e,
+            H, F, HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, BLOCK_M, BLOCK_N, BLOCK_K, FOLD_M,
+        )  # fmt: skip
+    elif fold == 0:
         _down_block(
             h_ptr, w_ptr, b_ptr, s_ptr, rw_ptr, sorted_ptr, out_ptr, N, pid_m, pid_n, e, H, F,
             HAS_BIAS, W_SCALED, W_INT4, MUL_WEIGHT, TAIL_M, BLOCK_M, BLOCK_N, BLOCK_K,
