@@ -4,7 +4,7 @@
 # own and logs to $OUT (or ./out); a part that fails does not stop the others.
 #
 #   here:   moec build bench/specs/*.yaml --out-dir bench/generated
-#   there:  bash bench/run_all.sh [tests] [layer] [train] [switches] [regimes] [spread] [profile]
+#   there:  bash bench/run_all.sh [tests] [layer] [train] [switches] [regimes] [spread] [profile] [ncu]
 #           (carry bench/generated; no arguments = the first four, ~9 minutes on an H200: one
 #           call's limit is 10)
 set -uo pipefail
@@ -12,6 +12,8 @@ set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
 parts=("$@")
+NCU_CELLS=()  # NCU_CELLS_ARG="--cells olmoe:256" picks the cells of the ncu part
+[ -n "${NCU_CELLS_ARG:-}" ] && read -r -a NCU_CELLS <<< "$NCU_CELLS_ARG"
 [ ${#parts[@]} -eq 0 ] && parts=(tests layer train switches)
 
 run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, one status line to run_all.log
@@ -31,7 +33,12 @@ for part in "${parts[@]}"; do
     regimes) run tile_regimes 240 python3 bench/tile_regimes.py ;;  # not in the default four
     spread) run routing_spread 150 python3 bench/routing_spread.py ;;  # not in the default four
     profile) run path_profile 120 python3 bench/path_profile.py ;;  # not in the default four
-    *) echo "unknown part $part (tests, layer, train, switches, regimes, spread, profile)" | tee -a "$out/run_all.log" ;;
+    ncu)  # not in the default four: Nsight Compute's counters of the expert path's kernels
+      run ncu 420 ncu --clock-control none --profile-from-start off --set full -f -o "$out/path" \
+        python3 bench/ncu_path.py --dense "${NCU_CELLS[@]}"
+      ncu --import "$out/path.ncu-rep" --page details > "$out/ncu_details.txt" 2>&1
+      ncu --import "$out/path.ncu-rep" --page raw --csv > "$out/ncu_raw.csv" 2>&1 ;;
+    *) echo "unknown part $part (tests, layer, train, switches, regimes, spread, profile, ncu)" | tee -a "$out/run_all.log" ;;
   esac
 done
 tail -n 4 "$out"/*.log
