@@ -254,15 +254,16 @@ def sweep(name, T, x, ids, w, w_up, w_down):
                     None,
                     al.sorted_slot_ids_P,
                     al.expert_of_block_B,
+                    al.expert_offsets_E1,
                     K,
                     GemmConfig(c.block_m, 64, 64, 8, 4, 3),
                 )
-                aligned[c.block_m] = (al.sorted_slot_ids_P, al.expert_of_block_B, h)
-            srt, eob, h = aligned[c.block_m]
+                aligned[c.block_m] = (*al[:3], h)
+            srt, eob, off, h = aligned[c.block_m]
             if which == "up":
-                call = (grouped_gemm.up_proj, x, w_up, None, None, srt, eob, K, c)
+                call = (grouped_gemm.up_proj, x, w_up, None, None, srt, eob, off, K, c)
             else:
-                call = (grouped_gemm.down_proj, h, w_down, None, rw, srt, eob, T * K, c)
+                call = (grouped_gemm.down_proj, h, w_down, None, rw, srt, eob, off, T * K, c)
             try:
                 ms = median_ms(lambda a=call: a[0](*a[1:]), rep=40)
             except Exception as exc:  # out of shared memory etc.

@@ -19,12 +19,14 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moec/templates/kernels_src"))
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels import backward, backward_rows, permute, reference, routing  # noqa: E402
 from moe_kernels.configs import GemmConfig, MoeConfig  # noqa: E402
+from moe_kernels.grouped_gemm import _tile_ids  # noqa: E402
 
 # numpy warns about log(0) on masked lanes and NaN in never-stored padding rows.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -281,6 +283,57 @@ def test_experts_quarter_tail_tiles(monkeypatch, kw):
     assert rel_err(y, ref64(*args, **kw)) < TOL[torch.float32]
 
 
+@triton.jit
+def _tile_ids_probe(eob_ptr, off_ptr, sorted_ptr, out_ptr, N, N_OUT: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, ALIGN_M: tl.constexpr,
+                    BLOCK_M: tl.constexpr):  # fmt: skip
+    pid_m, pid_n, e = _tile_ids(
+        eob_ptr, off_ptr, sorted_ptr, N, N_OUT, BLOCK_N, GROUP_M, ALIGN_M, BLOCK_M
+    )
+    pid = tl.program_id(0)
+    tl.store(out_ptr + 3 * pid, pid_m)
+    tl.store(out_ptr + 3 * pid + 1, pid_n)
+    tl.store(out_ptr + 3 * pid + 2, e)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 70), min_size=1, max_size=6),
+    align_m=st.sampled_from([8, 16]),
+    split=st.sampled_from([1, 2]),
+    group_m=st.sampled_from([1, 2, 3, 8]),
+    num_n=st.integers(1, 3),
+)
+def test_tile_ids_cover_each_block_once_grouped_within_experts(
+    counts, align_m, split, group_m, num_n
+):
+    """The GEMMs' program order: every (row block holding slots, output tile) pair exactly once,
+    with its block's expert; each expert's programs a contiguous range of program ids, so that no
+    group of blocks sharing weight tiles spans two experts; all-padding blocks skipped."""
+    E, N = len(counts), sum(counts)
+    ids = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))[:, None].int()
+    al = permute.align_by_expert(ids, E, align_m)
+    block_m = align_m // split
+    num_m = al.sorted_slot_ids_P.numel() // block_m
+    out = torch.full((num_m * num_n, 3), -9, dtype=torch.int32)
+    _tile_ids_probe[(num_m * num_n,)](
+        al.expert_of_block_B, al.expert_offsets_E1, al.sorted_slot_ids_P, out, N,
+        N_OUT=num_n * 4, BLOCK_N=4, GROUP_M=group_m, ALIGN_M=align_m, BLOCK_M=block_m,
+    )  # fmt: skip
+    rows = al.sorted_slot_ids_P.view(num_m, block_m)
+    expected = {
+        (m, n): al.expert_of_block_B[m * block_m // align_m].item()
+        for m in range(num_m)
+        if rows[m, 0] < N
+        for n in range(num_n)
+    }
+    run = [tuple(r) for r in out.tolist() if r[2] >= 0]
+    assert len(run) == len(expected)
+    assert {(m, n): e for m, n, e in run} == expected
+    experts = [e for _, _, e in run]
+    assert experts == sorted(experts)  # each expert's programs contiguous, in expert order
+
+
 FOLD_COUNTS = [74, 20, 80, 81, 5, 130, 64]  # slots per expert: see test_experts_folded_tails
 
 
@@ -355,9 +408,7 @@ def test_up_proj_folded_tails_store_the_pre_activations():
     for fold_m in (0, 16):
         gu = torch.full((T, 2 * F), float("nan"))
         c = GemmConfig(64, 16, 16, 2, 4, 1, fold_m=fold_m)
-        h = grouped_gemm.up_proj(
-            x, w_up, b_up, None, al.sorted_slot_ids_P, al.expert_of_block_B, 1, c, gu_out_NX=gu
-        )
+        h = grouped_gemm.up_proj(x, w_up, b_up, None, *al[:3], 1, c, gu_out_NX=gu)
         valid = al.sorted_slot_ids_P < T
         out[fold_m] = h[valid], gu
     torch.testing.assert_close(out[16][0], out[0][0])

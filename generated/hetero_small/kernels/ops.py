@@ -208,14 +208,15 @@ def moe_experts_triton(
     ids = topk_ids_TK.to(torch.int32).contiguous()
     rw_N = topk_weights_TK.reshape(-1).float().contiguous()
     al = permute.align_by_expert(ids, E, config.block_m, first_expert_id)
+    blocks = al.sorted_slot_ids_P, al.expert_of_block_B, al.expert_offsets_E1
     h_PF = grouped_gemm.up_proj(
-        x_TH, w_up_EXH, b_up_EX, rw_N if weight_on_input else None, al.sorted_slot_ids_P,
-        al.expert_of_block_B, K, config.up, activation, glu_form, limit, alpha, gate_softcap,
-        up_softcap, _scale(w_up_scale_EX), gu_out_NX,
+        x_TH, w_up_EXH, b_up_EX, rw_N if weight_on_input else None, *blocks, K, config.up,
+        activation, glu_form, limit, alpha, gate_softcap, up_softcap, _scale(w_up_scale_EX),
+        gu_out_NX,
     )  # fmt: skip
     o_NH = grouped_gemm.down_proj(
-        h_PF, w_down_EHF, b_down_EH, None if weight_on_input else rw_N, al.sorted_slot_ids_P,
-        al.expert_of_block_B, T * K, config.down, _scale(w_down_scale_EH),
+        h_PF, w_down_EHF, b_down_EH, None if weight_on_input else rw_N, *blocks, T * K,
+        config.down, _scale(w_down_scale_EH),
     )  # fmt: skip
     return combine(o_NH, ids, E, first_expert_id)
 

@@ -44,27 +44,41 @@ from .launch import launch
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_ids(num_blocks_m, N_OUT: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped ordering: GROUP_M row blocks share each weight tile while it sits in L2."""
+def _tile_ids(eob_ptr, off_ptr, sorted_ptr, N, N_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP_M: tl.constexpr, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """(pid_m, pid_n, e) of this program: its row block, output tile and local expert, e = -1
+    when the block holds no slot (skip it).
+
+    Grouped ordering within each expert: the programs of expert e are the contiguous range of
+    program ids [first * num_n, (first + nb) * num_n) (first, nb: its first row block and its
+    number of row blocks), taken in groups of GROUP_M of its row blocks, which share each weight
+    tile while it sits in L2. No group spans two experts: with groups over all row blocks, an
+    expert cut by a group boundary streamed its weights from memory once per group. On an H200
+    (2026-12-02, bench/RESULTS.md) that cut the GEMMs' DRAM reads by 12-28% at T=16384
+    (DeepSeek-V3, Mixtral) and made the expert path 1.01-1.04x faster for DeepSeek-V3 (T=4096,
+    16384) and Mixtral (T=4096), other shapes within noise. With GROUP_M 1 both orders are the
+    row-major one, and no offset is read.
+    """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_OUT, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Local expert of row block pid_m, or -1 when the block holds no slot (skip it)."""
-    row0 = pid_m * BLOCK_M
-    e = tl.load(eob_ptr + row0 // ALIGN_M)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    # program pid lies in expert e's range exactly when its row-major block pid // num_n does
+    e = tl.load(eob_ptr + pid_m * BLOCK_M // ALIGN_M)
+    if GROUP_M > 1:
+        if e >= 0:  # (past the last expert's blocks: skipped, in row-major order)
+            first = tl.load(off_ptr + e) // BLOCK_M
+            nb = tl.load(off_ptr + e + 1) // BLOCK_M - first
+            local = pid - first * num_n
+            in_group = GROUP_M * num_n
+            first_m = (local // in_group) * GROUP_M
+            size_m = tl.minimum(nb - first_m, GROUP_M)
+            pid_m = first + first_m + (local % in_group) % size_m
+            pid_n = (local % in_group) // size_m
     # Valid rows lead each expert's segment, so a block whose first row is padding is all padding.
     if BLOCK_M < ALIGN_M:
-        e = tl.where(tl.load(sorted_ptr + row0) < N, e, -1)
-    return e
+        e = tl.where(tl.load(sorted_ptr + pid_m * BLOCK_M) < N, e, -1)
+    return pid_m, pid_n, e
 
 
 @triton.jit
@@ -102,6 +116,7 @@ def _up_kernel(
     rw_ptr,  # [N] float32 routing weights (if WEIGHT_ON_INPUT)
     sorted_ptr,  # [P] int32 slot ids, sentinel N on padding
     eob_ptr,  # [B] int32 expert of each row block, -1 = empty
+    off_ptr,  # [E + 1] int32 first padded row of each expert
     h_ptr,  # [P, F] out
     gu_ptr,  # [N, X] out, slot order: the pre-activations, for the backward (if STORE_GU)
     N,
@@ -128,8 +143,9 @@ def _up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(num_blocks_m, F, BLOCK_N, GROUP_M)
-    e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
+    pid_m, pid_n, e = _tile_ids(
+        eob_ptr, off_ptr, sorted_ptr, N, F, BLOCK_N, GROUP_M, ALIGN_M, BLOCK_M
+    )
     if e < 0:
         return
     # An expert's last block holding at most FOLD_M slots is computed by the program of the
@@ -323,6 +339,7 @@ def _down_kernel(
     rw_ptr,  # [N] float32 routing weights (if MUL_WEIGHT)
     sorted_ptr,  # [P] int32
     eob_ptr,  # [B] int32
+    off_ptr,  # [E + 1] int32
     out_ptr,  # [N, H] out, slot order
     N,
     num_blocks_m,
@@ -340,8 +357,9 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(num_blocks_m, H, BLOCK_N, GROUP_M)
-    e = _block_expert(pid_m, eob_ptr, sorted_ptr, N, ALIGN_M, BLOCK_M)
+    pid_m, pid_n, e = _tile_ids(
+        eob_ptr, off_ptr, sorted_ptr, N, H, BLOCK_N, GROUP_M, ALIGN_M, BLOCK_M
+    )
     if e < 0:
         return
     fold = 0  # as in _up_kernel
@@ -534,6 +552,7 @@ def up_proj(
     topk_weights_N: torch.Tensor | None,
     sorted_slot_ids_P: torch.Tensor,
     expert_of_block_B: torch.Tensor,
+    expert_offsets_E1: torch.Tensor,
     top_k: int,
     config: GemmConfig,
     activation: str = "silu",
@@ -567,7 +586,8 @@ def up_proj(
         x_TH, w_up_EXH, b_up_EX if b_up_EX is not None else w_up_EXH,
         w_up_scale_EX if w_up_scale_EX is not None else x_TH,
         topk_weights_N if topk_weights_N is not None else x_TH,
-        sorted_slot_ids_P, expert_of_block_B, h, gu_out_NX if gu_out_NX is not None else h,
+        sorted_slot_ids_P, expert_of_block_B, expert_offsets_E1, h,
+        gu_out_NX if gu_out_NX is not None else h,
         T * top_k, num_m,
         float(limit), float(alpha), float(gate_softcap), float(up_softcap),
         H=H, F=F, TOPK=top_k, ACT=activation, FORM=glu_form, HAS_BIAS=b_up_EX is not None,
@@ -585,6 +605,7 @@ def down_proj(
     topk_weights_N: torch.Tensor | None,
     sorted_slot_ids_P: torch.Tensor,
     expert_of_block_B: torch.Tensor,
+    expert_offsets_E1: torch.Tensor,
     num_slots: int,
     config: GemmConfig,
     w_down_scale_EH: torch.Tensor | None = None,
@@ -603,7 +624,7 @@ def down_proj(
         h_PF, w_down_EHF, b_down_EH if b_down_EH is not None else w_down_EHF,
         w_down_scale_EH if w_down_scale_EH is not None else h_PF,
         topk_weights_N if topk_weights_N is not None else h_PF,
-        sorted_slot_ids_P, expert_of_block_B, o, num_slots, num_m,
+        sorted_slot_ids_P, expert_of_block_B, expert_offsets_E1, o, num_slots, num_m,
         H=H, F=F, HAS_BIAS=b_down_EH is not None, W_SCALED=w_down_scale_EH is not None,
         W_INT4=w_down_EHF.dtype == torch.uint8, MUL_WEIGHT=topk_weights_N is not None,
         ALIGN_M=align_m, TAIL_M=_tail_m(config), FOLD_M=_fold_m(config, align_m),
