@@ -143,3 +143,12 @@ def test_help_documents_commands_arguments_defaults_and_exit_codes(capsys):
     assert "(default: 16,256,4096,16384)" in help_of["tune"]
     assert "0-based" in help_of["import-hf"]
     assert "nothing is written" in help_of["build"]
+
+
+def test_the_readme_spec_example_is_a_valid_spec(tmp_path, capsys):
+    """The README's annotated spec (every field with its comment) validates and plans: a field
+    renamed in the schema, or a value the README shows that validation refuses, fails here."""
+    block = (ROOT / "README.md").read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "name: mixtral_8x7b" in block and "dtype: fp32" in block
+    (tmp_path / "readme.yaml").write_text(block)
+    assert main(["check", str(tmp_path / "readme.yaml")]) == 0, capsys.readouterr().err
