@@ -66,7 +66,7 @@ def _tile_ids(eob_ptr, off_ptr, sorted_ptr, N, N_OUT: tl.constexpr, BLOCK_N: tl.
     # program pid lies in expert e's range exactly when its row-major block pid // num_n does
     e = tl.load(eob_ptr + pid_m * BLOCK_M // ALIGN_M)
     if GROUP_M > 1:
-        if e >= 0:  # (past the last expert's blocks: skipped, in row-major order)
+        if e >= 0:  # (e < 0: a program past the last expert's blocks, skipped below)
             first = tl.load(off_ptr + e) // BLOCK_M
             nb = tl.load(off_ptr + e + 1) // BLOCK_M - first
             local = pid - first * num_n
