@@ -35,9 +35,11 @@ for part in "${parts[@]}"; do
     profile) run path_profile 120 python3 bench/path_profile.py ;;  # not in the default four
     ncu)  # not in the default four: Nsight Compute's counters of the expert path's kernels
       run ncu 420 ncu --clock-control none --profile-from-start off --set full -f -o "$out/path" \
+        --metrics lts__ltcfabric2ltc_cycles_active.avg.pct_of_peak_sustained_elapsed \
         python3 bench/ncu_path.py --dense "${NCU_CELLS[@]}"
       ncu --import "$out/path.ncu-rep" --page details > "$out/ncu_details.txt" 2>&1
-      ncu --import "$out/path.ncu-rep" --page raw --csv > "$out/ncu_raw.csv" 2>&1 ;;
+      ncu --import "$out/path.ncu-rep" --page raw --csv > "$out/ncu_raw.csv" 2>&1
+      python3 bench/ncu_summary.py "$out/ncu_raw.csv" | tee "$out/ncu_summary.md" ;;
     *) echo "unknown part $part (tests, layer, train, switches, regimes, spread, profile, ncu)" | tee -a "$out/run_all.log" ;;
   esac
 done

@@ -33,3 +33,25 @@ def test_medians_in_turn_times_each_once_a_round_in_turn(monkeypatch):
     got = expert_problem.medians_in_turn({"a": lambda: "a", "b": lambda: "b"}, rounds=3, rep=7)
     assert calls == ["a", "b", "b", "a", "a", "b"]  # each first in turn
     assert got == {"a": 2.0, "b": 5.0}
+
+
+def test_ncu_summary_normalises_units_filters_kernels_and_marks_missing_metrics():
+    from ncu_summary import summary
+
+    raw = "\n".join(
+        [
+            '"ID","Kernel Name","Grid Size","gpu__time_duration.sum",'
+            '"gpc__cycles_elapsed.avg.per_second","dram__bytes_read.sum","lts__t_sector_hit_rate.pct"',
+            '"","","","nsecond","hz","Mbyte","%"',
+            '"3","_up_kernel","(760, 1, 1)","136,064","1,733,664,000","541.6","8.78"',
+            '"4","_combine_kernel","(8, 1, 1)","4,896","1,700,000,000","3.0","50"',
+        ]
+    )
+    table = summary(raw, ("_up",)).splitlines()
+    assert table[0].startswith("| # | kernel | grid | ms | SM GHz | tensor pipe % | L2 %")
+    assert len(table) == 3  # header, rule, the one kernel kept
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:5] == ["3", "_up_kernel", "(760, 1, 1)", "0.136", "1.734"]
+    # tensor pipe, L2, L2 fabric and DRAM % are not in this report; the L2 hit rate and bytes are
+    assert cells[5:10] == ["-", "-", "-", "9", "-"] and cells[10] == "0.542"
+    assert len(summary(raw).splitlines()) == 4
