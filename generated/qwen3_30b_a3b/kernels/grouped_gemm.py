@@ -108,6 +108,18 @@ def _fold_rows(pid_m, num_blocks_m, eob_ptr, sorted_ptr, N, e, BLOCK_M: tl.const
 
 
 @triton.jit
+def _fold_step(acc_f, wt, f_ptrs, k, offs_k, K: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_K: tl.constexpr):  # fmt: skip
+    """K step k of the folded rows (at f_ptrs, K long): acc_f [NB, FOLD_M] += wt.T @ rows.T, the
+    weight tile wt already in registers for the block's own rows."""
+    if EVEN_K:
+        af = tl.load(f_ptrs)
+    else:
+        af = tl.load(f_ptrs, mask=(offs_k < K - k * BLOCK_K)[None, :], other=0.0)
+    return tl.dot(tl.trans(wt), tl.trans(af), acc_f)
+
+
+@triton.jit
 def _up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, X, H]   X = 2F (gate rows, then up rows) or F
@@ -265,11 +277,7 @@ def _up_tile(
         wt = weight_tile(b, a.dtype, W_INT4)
         acc = tl.dot(a, wt, acc)
         if FOLD_M > 0:
-            if EVEN_K:
-                af = tl.load(f_ptrs)
-            else:
-                af = tl.load(f_ptrs, mask=(offs_k < H - k * BLOCK_K)[None, :], other=0.0)
-            acc_f = tl.dot(tl.trans(wt), tl.trans(af), acc_f)
+            acc_f = _fold_step(acc_f, wt, f_ptrs, k, offs_k, H, BLOCK_K, EVEN_K)
             f_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BKW
@@ -451,11 +459,7 @@ def _down_tile(
         wt = weight_tile(b, a.dtype, W_INT4)
         acc = tl.dot(a, wt, acc)
         if FOLD_M > 0:
-            if EVEN_K:
-                af = tl.load(f_ptrs)
-            else:
-                af = tl.load(f_ptrs, mask=(offs_k < F - k * BLOCK_K)[None, :], other=0.0)
-            acc_f = tl.dot(tl.trans(wt), tl.trans(af), acc_f)
+            acc_f = _fold_step(acc_f, wt, f_ptrs, k, offs_k, F, BLOCK_K, EVEN_K)
             f_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BKW
