@@ -138,6 +138,16 @@ def run_case(pkg, layer, w_up, w_down, gmm_weights, T, peak, bw, tables, g):
     r["routing_kernel_ms"] = kb.median_ms(lambda: kernels.moe_routing(logits, K, norm="sum"), 50)
     r["route_graph_ms"] = kb.graph_ms(lambda: layer.route(x))
     r["forward_graph_ms"] = kb.graph_ms(lambda: layer(x))
+    # The layer's own graphs (layer.use_cuda_graphs(): an eager call that replays a captured
+    # graph, with the input copied in and the outputs cloned), against the eager forward's host.
+    r["forward_host_us"] = host_us(lambda: layer(x))
+    r["forward_graphs_ms"] = r["forward_graphs_host_us"] = None
+    if T <= 256:
+        layer.use_cuda_graphs()
+        layer(x)  # captures
+        r["forward_graphs_ms"] = kb.median_ms(lambda: layer(x), rep)
+        r["forward_graphs_host_us"] = host_us(lambda: layer(x))
+        layer.use_cuda_graphs(max_tokens=0)
     print(
         f"{name:14s} T={T:6d} experts {r['experts_ms']:.3f} ms "
         f"({kb.pct(floor_ms, r['experts_ms'])}; {kb.pct(r['floor_after_ms'], r['experts_ms'])} at "
@@ -168,8 +178,9 @@ def breakdown(rows):
     lines = [
         "| shape | T | kernels alone ms | layer.experts ms | layer.experts, CUDA graph ms | "
         "host µs / layer.experts call | router logits µs | routing kernel µs | route µs | "
-        "route, CUDA graph µs | layer(x), CUDA graph ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "route, CUDA graph µs | layer(x), CUDA graph ms | host µs / layer(x) call | "
+        "layer(x) with use_cuda_graphs() ms | its host µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(v):
@@ -178,12 +189,16 @@ def breakdown(rows):
     def us(v):
         return "n/a" if v is None else f"{1e3 * v:.0f}"
 
+    def us_host(v):
+        return "n/a" if v is None else f"{v:.0f}"
+
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['T']} | {ms(r['kernels_ms'])} | {ms(r['experts_ms'])} | "
             f"{ms(r['experts_graph_ms'])} | {r['experts_host_us']:.0f} | {us(r['logits_ms'])} | "
             f"{us(r['routing_kernel_ms'])} | {us(r['route_ms'])} | {us(r['route_graph_ms'])} | "
-            f"{ms(r['forward_graph_ms'])} |"
+            f"{ms(r['forward_graph_ms'])} | {r['forward_host_us']:.0f} | "
+            f"{ms(r['forward_graphs_ms'])} | {us_host(r['forward_graphs_host_us'])} |"
         )
     return "\n".join(lines)
 

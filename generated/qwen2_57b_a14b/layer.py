@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import backend as backends
-from . import comm, weights
+from . import comm, graphs, weights
 from .experts import RoutedExperts, SharedExpert
 from .router import Router
 
@@ -78,6 +78,20 @@ class MoELayer(nn.Module):
         # every MoE layer is the model-level loss transformers computes.
         self.keep_router_logits = False
         self.router_logits: torch.Tensor | None = None
+        self.cuda_graphs: graphs.GraphCache | None = None  # see use_cuda_graphs()
+
+    def use_cuda_graphs(self, max_tokens: int = 256, max_graphs: int = 8) -> "MoELayer":
+        """Replay eval forwards of 1 to ``max_tokens`` tokens from CUDA graphs, one per input shape
+        (the ``max_graphs`` most recently used are kept); ``max_tokens=0`` turns it off. Returns the
+        layer.
+
+        At decode sizes an eager forward is bound by the host, which takes longer to launch its
+        kernels than the GPU takes to run them; a replay is one launch. The first forward of a shape
+        runs eagerly and captures it; later ones (eval mode, no gradient needed) replay it. See
+        ``graphs`` for when a forward replays and what it returns.
+        """
+        self.cuda_graphs = graphs.GraphCache(max_tokens, max_graphs) if max_tokens else None
+        return self
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):
         """x_TH [T, H] -> (topk_ids_TK, topk_weights_TK, logits_TE); id -1 marks a dropped slot."""
@@ -163,7 +177,15 @@ class MoELayer(nn.Module):
         return torch.sigmoid(self.shared_gate(x_TH)) * self.shared(x_TH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> y [..., H]. A 3-D input [B, S, H] is B sequences (for capacity and losses)."""
+        """x [..., H] -> y [..., H]. A 3-D input [B, S, H] is B sequences (for capacity and losses).
+        Replayed from a CUDA graph after ``use_cuda_graphs()`` where that applies."""
+        graphed = self.cuda_graphs is not None and not torch.compiler.is_compiling()
+        if graphed and self.dispatcher is None and self.cuda_graphs.applies(self, x):
+            return self.cuda_graphs(self, x, self._forward)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager forward."""
         num_seqs = x.shape[0] if x.dim() == 3 else 1
         x_TH = x.reshape(-1, HIDDEN)
         topk_ids_TK, topk_weights_TK, logits_TE = self.route(x_TH, num_seqs)

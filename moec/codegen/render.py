@@ -41,6 +41,7 @@ PACKAGE_FILES = {
     "weights.py": ("torch/weights.py.jinja", None),
     "backend.py": ("torch/backend.py.jinja", None),
     "tuning.py": ("torch/tuning.py.jinja", None),
+    "graphs.py": ("torch/graphs.py.jinja", None),
     "launch/__init__.py": ("torch/launch/__init__.py.jinja", None),
     "launch/run.py": ("torch/launch/run.py.jinja", None),
     "launch/torchrun.sh": ("torch/launch/torchrun.sh.jinja", None),

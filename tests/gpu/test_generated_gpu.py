@@ -312,3 +312,56 @@ def test_expert_choice_compacts_its_slots_and_replays_in_a_cuda_graph():
     finally:
         kernels.moe_experts = real
     del layer
+
+
+@pytest.mark.parametrize("name", ["olmoe_1b_7b", "qwen3_30b_a3b", "gpt_oss_20b", "mixed_precision"])
+def test_use_cuda_graphs_replays_eval_forwards_bit_for_bit(name, monkeypatch):
+    """``layer.use_cuda_graphs()``: from the second eval forward of a shape on, the layer replays a
+    real CUDA graph (its eager forward is not called), and the output and ``aux_losses`` equal the
+    eager forward's bit for bit; weights changed in place are read by the replay, replaced ones
+    drop the graphs."""
+    pkg = load(name)
+    free_memory()
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton").eval()
+    randomize_biases(layer)
+    H = pkg.layer.HIDDEN
+    captures, eager_calls = [], []
+    real_capture, real_forward = pkg.graphs.capture, layer._forward
+    monkeypatch.setattr(pkg.graphs, "capture", lambda *a: captures.append(1) or real_capture(*a))
+    layer._forward = lambda x: eager_calls.append(1) or real_forward(x)
+
+    def check(x, layer=layer):
+        y = layer(x)
+        losses = dict(layer.aux_losses)
+        want = real_forward(x)
+        assert torch.equal(y, want)
+        assert losses.keys() == layer.aux_losses.keys()
+        for key, value in losses.items():
+            assert torch.equal(value, layer.aux_losses[key]), key
+
+    layer.use_cuda_graphs()
+    shapes = [(1, H), (16, H), (256, H), (2, 8, H)]
+    with torch.no_grad():
+        for shape in shapes:
+            for _ in range(3):
+                check(torch.randn(shape, device=DEVICE, dtype=torch.bfloat16))
+        # per shape one eager forward and the one the capture records; the rest replayed
+        assert len(captures) == len(shapes) and len(eager_calls) == 2 * len(shapes)
+        assert all(g is not None for g in layer.cuda_graphs.graphs.values())
+        down = next(
+            w
+            for g in layer.groups.values()
+            if (w := getattr(g, "w_down_EHF", None)) is not None and w.dtype == torch.bfloat16
+        )
+        down.mul_(0.5)  # in place: replayed with the new values
+        check(torch.randn(16, H, device=DEVICE, dtype=torch.bfloat16))
+        assert len(captures) == len(shapes) and len(eager_calls) == 2 * len(shapes)
+        layer.router.weight = torch.nn.Parameter(layer.router.weight.clone())
+        for _ in range(2):
+            check(torch.randn(16, H, device=DEVICE, dtype=torch.bfloat16))
+        assert len(captures) == len(shapes) + 1 and len(eager_calls) == 2 * len(shapes) + 2
+        check(torch.randn(257, H, device=DEVICE, dtype=torch.bfloat16))  # eager: > max_tokens
+        assert len(eager_calls) == 2 * len(shapes) + 3
+    del layer
+    free_memory()
