@@ -120,7 +120,8 @@ def _median_ms(fn, args) -> float:
 
 
 def bench(args, rank: int, world: int) -> int:
-    """Median time of the layer and of its phases (route, dispatch, experts, combine) per rank."""
+    """Median time of the layer and of its phases (route, dispatch, experts, combine) per rank; on
+    one CUDA device also of the forward replayed from a CUDA graph."""
     layer, _ = layers(args, world)
     layer.eval()
     dtype = getattr(torch, args.dtype)
@@ -145,6 +146,12 @@ def bench(args, rank: int, world: int) -> int:
         else:
             results["experts"] = _median_ms(lambda: layer.experts(x_TH, ids, weights), args)
         results["forward"] = _median_ms(lambda: layer(x_TH), args)
+        if x_TH.is_cuda and getattr(layer, "dispatcher", None) is None:
+            # the same forward replayed from a CUDA graph (layer.use_cuda_graphs(), graphs.py)
+            layer.use_cuda_graphs(max_tokens=args.tokens)
+            layer(x_TH)  # eager, and captures the graph
+            results["forward, CUDA graph"] = _median_ms(lambda: layer(x_TH), args)
+            layer.use_cuda_graphs(max_tokens=0)
     line = ", ".join(
         f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()
     )
