@@ -246,3 +246,24 @@ def test_bad_settings_name_the_argument(pkg, bad):
         layer.use_cuda_graphs(max_tokens=bad)
     with pytest.raises(ValueError, match="max_graphs must be a positive integer"):
         layer.use_cuda_graphs(max_graphs=bad)
+
+
+def test_a_sharded_layer_runs_eagerly(monkeypatch):
+    """A layer of an expert-parallel plan replays when built whole, and never once sharded (its
+    forward exchanges rows with the other ranks)."""
+    ep = build_package(SPEC + "parallel: {dp: 2, ep: 2}\ncluster: {gpus_per_node: 2, gpu: cpu}\n")
+    capture = StandIn()
+    monkeypatch.setattr(ep.graphs, "capture", capture)
+    monkeypatch.setattr(ep.graphs, "DEVICE_TYPES", ("cuda", "cpu"))
+    torch.manual_seed(0)
+    layer = ep.MoELayer(torch.float32, distributed=False).eval().use_cuda_graphs()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), eager(layer, x)[0], rtol=0, atol=0)
+        assert (capture.captures, capture.replays) == (1, 1)
+        layer.dispatcher = object()  # as on a rank of the plan's process groups
+        layer._forward = lambda x: 2 * x  # (the sharded forward needs those groups)
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), 2 * x)
+    assert (capture.captures, capture.replays) == (1, 1)
