@@ -43,8 +43,8 @@ def copy_into(static, fresh):
         assert static.keys() == fresh.keys()
         for k in static:
             copy_into(static[k], fresh[k])
-    else:
-        assert static is None and fresh is None
+    else:  # Python values (None, num_seqs, flags) are fixed at the capture
+        assert static == fresh
 
 
 class StandIn:
@@ -105,12 +105,17 @@ def test_second_forward_of_a_shape_replays_and_equals_eager(pkg, stand_in):
             assert (stand_in.captures, stand_in.replays) == (1, i)
     # what a replay returns is the caller's: the next replay does not overwrite it
     graph = next(iter(layer.cuda_graphs.graphs.values()))
-    kept_y, kept_total = y.clone(), layer.aux_losses["total"].clone()
+    losses = layer.aux_losses
+    kept_y, kept_total = y.clone(), losses["total"].clone()
     with torch.no_grad():
         layer(torch.randn(5, 24))
     assert y.data_ptr() != graph.out[0].data_ptr()
-    assert layer.aux_losses["total"].data_ptr() != graph.out[1]["aux_losses"]["total"].data_ptr()
+    # the losses are computed when read, from the replay's logits and selection: cloned too
+    logits, ids = layer._losses[:2]
+    graph_logits, graph_ids = graph.out[1]["_losses"][:2]
+    assert logits.data_ptr() != graph_logits.data_ptr() and ids.data_ptr() != graph_ids.data_ptr()
     torch.testing.assert_close(y, kept_y, rtol=0, atol=0)
+    torch.testing.assert_close(losses["total"], kept_total, rtol=0, atol=0)
     assert not torch.equal(layer.aux_losses["total"], kept_total)
 
 
@@ -226,6 +231,29 @@ def test_a_forward_that_cannot_be_captured_warns_once_and_stays_eager(pkg, monke
     assert capture.captures == 1
     _, want, _ = eager(layer, x2)
     torch.testing.assert_close(layer.aux_losses["total"], want["total"], rtol=0, atol=0)
+
+
+def test_losses_are_read_from_the_replay_and_lazy_losses_has_its_own_graphs(pkg, stand_in):
+    """A replay computes no losses (its forward keeps the logits and selection, as an eager
+    inference forward does) unless ``lazy_losses`` is off; the two settings use different graphs,
+    and the losses read after either equal the eager forward's."""
+    layer = layer_of(pkg).use_cuda_graphs()
+    calls, real = [], layer.router.losses
+    layer.router.losses = lambda *a: calls.append(1) or real(*a)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        for lazy in (True, False, True, False):
+            layer.lazy_losses = lazy
+            before = len(calls)
+            layer(x)
+            assert isinstance(layer._losses, tuple if lazy else dict)
+            if lazy:  # neither the capture nor a replay computed them
+                assert len(calls) == before
+            _, want, _ = eager(layer, x)
+            for name, value in want.items():
+                torch.testing.assert_close(layer.aux_losses[name], value, rtol=0, atol=0)
+    assert stand_in.captures == 2 and stand_in.replays == 2
+    assert len(layer.cuda_graphs.graphs) == 2
 
 
 def test_copies_and_pickles_keep_the_settings_not_the_graphs(pkg, stand_in):

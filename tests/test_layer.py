@@ -188,6 +188,81 @@ def test_losses_and_bias_update():
     torch.testing.assert_close(layer.router.selection_bias, expected)
 
 
+LOSSES_SPEC = BASE + (
+    "router: {top_k: 2, score: sigmoid, selection_bias: scores}\n"
+    "balance: {aux_loss: 0.1, seq_aux_loss: 0.01, z_loss: 0.001}\n"
+)
+
+
+class CountingLosses:
+    """Wraps ``router.losses``, counting its calls."""
+
+    def __init__(self, losses):
+        self.losses, self.calls = losses, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.losses(*args)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_inference_forward_computes_its_losses_when_read(mode):
+    """A forward that needs no gradient leaves the losses for the first read of ``aux_losses``;
+    the values are those the forward would have computed, and a second read computes nothing."""
+    pkg = build_package(LOSSES_SPEC)
+    torch.manual_seed(11)
+    layer = pkg.MoELayer().eval()
+    x = torch.randn(2, 5, 24)
+    layer(x)  # a forward that needs a gradient computes them in the forward
+    want = {name: value.detach() for name, value in layer.aux_losses.items()}
+    layer.router.losses = counting = CountingLosses(layer.router.losses)
+    if mode == "frozen":
+        layer.requires_grad_(False)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode)
+    with context() if context else torch.enable_grad():
+        y = layer(x)
+    assert not y.requires_grad
+    assert counting.calls == 0, "the forward computed the losses"
+    got = layer.aux_losses
+    assert counting.calls == 1
+    assert set(got) == {"load_balance", "seq_load_balance", "z", "total"}
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+        assert not got[name].requires_grad
+    assert layer.aux_losses is got and counting.calls == 1
+    with torch.no_grad():  # the next forward's losses replace them, unread ones included
+        layer(x[:1])
+        layer(x)
+    assert counting.calls == 1
+    torch.testing.assert_close(layer.aux_losses["total"], want["total"], rtol=0, atol=0)
+    assert counting.calls == 2
+
+
+def test_losses_of_forwards_that_train_or_are_large_are_computed_in_the_forward():
+    """Where the losses can be trained through, their inputs are large, or ``lazy_losses`` is off,
+    the forward computes them (nothing of the forward is kept for a later read)."""
+    pkg = build_package(LOSSES_SPEC)
+    torch.manual_seed(12)
+    layer = pkg.MoELayer()
+    layer.router.losses = counting = CountingLosses(layer.router.losses)
+    x = torch.randn(6, 24)
+    layer(x)
+    assert counting.calls == 1 and isinstance(layer._losses, dict)
+    assert layer.aux_losses["total"].requires_grad
+    layer.aux_losses["total"].backward()
+    assert layer.router.weight.grad is not None
+    with torch.no_grad():
+        layer(torch.randn(pkg.layer.LAZY_LOSS_TOKENS + 1, 24))
+    assert counting.calls == 2 and isinstance(layer._losses, dict)
+    with torch.no_grad():
+        layer(torch.randn(pkg.layer.LAZY_LOSS_TOKENS, 24))
+    assert counting.calls == 2
+    layer.lazy_losses = False  # asked for: every forward computes them
+    with torch.no_grad():
+        layer(x)
+    assert counting.calls == 3 and isinstance(layer._losses, dict)
+
+
 def test_backward_reaches_every_parameter():
     pkg = build_package(BASE + "router: {top_k: 7}\nshared: {ffn: 8, gate: sigmoid_linear}\n")
     torch.manual_seed(7)

@@ -20,6 +20,9 @@ from .router import Router
 
 HIDDEN = 5120
 NUM_EXPERTS = 160  # routed experts with weights
+# A forward that needs no gradient, of at most this many tokens, computes its balancing losses when
+# ``aux_losses`` is first read instead of in the forward (see ``MoELayer.aux_losses``).
+LAZY_LOSS_TOKENS = 1024
 
 
 class MoELayer(nn.Module):
@@ -71,7 +74,9 @@ class MoELayer(nn.Module):
                 self.dispatcher is None and len(self.groups) == 1 and group.holds_all
             )
         self.shared = SharedExpert(HIDDEN, dtype, device)
-        self.aux_losses: dict[str, torch.Tensor] = {}
+        self._losses: dict | tuple = {}  # aux_losses, or what computes them at the first read
+        # False: every forward computes its losses (see aux_losses)
+        self.lazy_losses = True
         # True: each forward keeps its router logits [T, E] in ``router_logits`` (as transformers'
         # output_router_logits).
         self.keep_router_logits = False
@@ -90,6 +95,25 @@ class MoELayer(nn.Module):
         """
         self.cuda_graphs = graphs.GraphCache(max_tokens, max_graphs) if max_tokens else None
         return self
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """The balancing losses of the last forward, unweighted, and ``total`` = their weighted sum.
+
+        A forward that needs no gradient, of at most ``LAZY_LOSS_TOKENS`` tokens, keeps its logits and
+        selection and computes the losses here, at the first read, so inference that never reads them
+        does not pay for them (on an H200, bench/RESULTS.md 2026-12-02: an eager forward of the OLMoE
+        and Qwen3-30B-A3B layers at 1-256 tokens took 0.61-0.77x the time, one replayed from a CUDA
+        graph 0.70-0.89x). The values are the same either way. A read after a replayed forward runs
+        the losses' small ops eagerly (+85 µs at one token there); to read them after every forward,
+        set ``lazy_losses = False``: the forward, and so its graph, computes them."""
+        if isinstance(self._losses, tuple):  # nothing in it requires a gradient
+            self._losses = self.router.losses(*self._losses)
+        return self._losses
+
+    @aux_losses.setter
+    def aux_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        self._losses = losses
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):
         """x_TH [T, H] -> (topk_ids_TK, topk_weights_TK, logits_TE); id -1 marks a dropped slot."""
@@ -188,7 +212,15 @@ class MoELayer(nn.Module):
         x_TH = x.reshape(-1, HIDDEN)
         topk_ids_TK, topk_weights_TK, logits_TE = self.route(x_TH, num_seqs)
         self.router_logits = logits_TE if self.keep_router_logits else None
-        self.aux_losses = self.router.losses(logits_TE, topk_ids_TK, num_seqs)
+        lazy = (
+            self.lazy_losses
+            and not logits_TE.requires_grad
+            and logits_TE.shape[0] <= LAZY_LOSS_TOKENS
+        )
+        if lazy and not torch.compiler.is_compiling():
+            self._losses = (logits_TE, topk_ids_TK, num_seqs)
+        else:
+            self._losses = self.router.losses(logits_TE, topk_ids_TK, num_seqs)
         # The shared expert runs while the routed rows are on the wire (plan: comm).
         y_TH, shared_TH = self.experts(
             x_TH, topk_ids_TK, topk_weights_TK, meanwhile=lambda: self._shared_expert(x_TH)

@@ -71,7 +71,7 @@ class MoELayer(nn.Module):
                 self.dispatcher is None and len(self.groups) == 1 and group.holds_all
             )
         self.shared = SharedExpert(HIDDEN, dtype, device)
-        self.aux_losses: dict[str, torch.Tensor] = {}
+        self._losses: dict | tuple = {}  # aux_losses, or what computes them at the first read
         # True: each forward keeps its router logits [T, E] in ``router_logits`` (as transformers'
         # output_router_logits).
         self.keep_router_logits = False
@@ -90,6 +90,15 @@ class MoELayer(nn.Module):
         """
         self.cuda_graphs = graphs.GraphCache(max_tokens, max_graphs) if max_tokens else None
         return self
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """The balancing losses of the last forward (this spec has none: always empty)."""
+        return self._losses
+
+    @aux_losses.setter
+    def aux_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        self._losses = losses
 
     def route(self, x_TH: torch.Tensor, num_seqs: int = 1):
         """x_TH [T, H] -> (topk_ids_TK, topk_weights_TK, logits_TE); id -1 marks a dropped slot."""

@@ -5,7 +5,7 @@
 """Eval forwards of the layer replayed from CUDA graphs: ``MoELayer.use_cuda_graphs()``.
 
 An eager forward of a few tokens is bound by the host: issuing its launches (router GEMM, routing,
-alignment, the two grouped GEMMs, combine, losses) takes longer than running them. A CUDA graph
+alignment, the two grouped GEMMs, combine) takes longer than running them. A CUDA graph
 records the launches once and replays them with one. ``GraphCache`` keeps one graph per input shape:
 the first forward of a shape runs eagerly and then captures it (once per shape: the capture waits for
 the GPU, collects garbage and empties PyTorch's cache of free GPU memory), later ones replay it. A
@@ -21,9 +21,10 @@ forward replays when
   ``nn.Parameter``, ``load_state_dict(assign=True)``) drops every graph of the layer.
 
 Otherwise the forward runs eagerly. A replay copies the input into the graph's own input tensor and
-returns clones of what the graph wrote (the output, ``aux_losses`` and ``router_logits``), so nothing
-it returns is overwritten by a later replay. A forward that cannot be captured (one that waits for
-the GPU, as the PyTorch backend's does) warns once and stays eager for that shape.
+returns clones of what the graph wrote (the output, ``router_logits``, and the logits and selection
+that ``aux_losses`` computes the losses from when read), so nothing it returns is overwritten by a
+later replay. A forward that cannot be captured (one that waits for the GPU, as the PyTorch
+backend's does) warns once and stays eager for that shape.
 
 Memory: each graph keeps its input tensor and its own pool of the forward's intermediates, 4-66 MiB
 a graph on an H200 for the Mixtral-8x7B, Qwen3-30B-A3B and OLMoE layers at 1-256 tokens
@@ -40,7 +41,8 @@ from dataclasses import dataclass
 import torch
 
 # Attributes of the layer a forward sets besides its output: the replay sets them from the graph's.
-STATE = ("aux_losses", "router_logits")
+# ``_losses`` holds ``aux_losses`` or, after a forward of few tokens, what computes them when read.
+STATE = ("_losses", "router_logits")
 DEVICE_TYPES = ("cuda",)  # devices whose forwards are captured (the CPU tests add "cpu")
 
 
@@ -74,7 +76,8 @@ class Graph:
 
 class GraphCache:
     """The graphs of one layer, one per input shape (dtype, device, inference mode, and the layer's
-    backend and ``keep_router_logits``), at most ``max_graphs``: the least recently used goes."""
+    backend, ``keep_router_logits`` and ``lazy_losses``), at most ``max_graphs``: the least recently
+    used goes."""
 
     def __init__(self, max_tokens: int = 256, max_graphs: int = 8):
         for name, value in (("max_tokens", max_tokens), ("max_graphs", max_graphs)):
@@ -120,6 +123,7 @@ class GraphCache:
             torch.is_inference_mode_enabled(),
             layer.backend,
             layer.keep_router_logits,
+            getattr(layer, "lazy_losses", None),
         )
         if key in self.graphs:
             self.graphs.move_to_end(key)

@@ -15,6 +15,7 @@ bf16 and float32 routers send to the same experts.
 import copy
 import gc
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def load(name: str):
     if str(GENERATED) not in sys.path:
         sys.path.insert(0, str(GENERATED))
     return importlib.import_module(name)
+
+
+def load_golden(name: str):
+    """A package of ``generated/`` (the goldens of ``specs/*.yaml``: real models with their balancing
+    losses, which ``bench/specs`` leave out), imported as ``golden_<name>`` beside ``load``'s."""
+    alias = f"golden_{name}"
+    if alias not in sys.modules:
+        folder = Path(__file__).resolve().parents[2] / "generated" / name
+        spec = importlib.util.spec_from_file_location(
+            alias, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = module
+        spec.loader.exec_module(module)
+    return sys.modules[alias]
 
 
 def free_memory() -> None:
@@ -363,5 +379,54 @@ def test_use_cuda_graphs_replays_eval_forwards_bit_for_bit(name, monkeypatch):
         assert len(captures) == len(shapes) + 1 and len(eager_calls) == 2 * len(shapes) + 2
         check(torch.randn(257, H, device=DEVICE, dtype=torch.bfloat16))  # eager: > max_tokens
         assert len(eager_calls) == 2 * len(shapes) + 3
+    del layer
+    free_memory()
+
+
+def test_losses_of_replayed_forwards_are_computed_when_read():
+    """specs/olmoe_1b_7b.yaml's layer (its load-balance loss) from CUDA graphs: no replay, capture
+    or inference forward computes the losses; the first read of ``aux_losses`` does, once, and its
+    values equal those a forward that computes them (gradient enabled) gives, bit for bit. With
+    ``lazy_losses`` off, the replayed graph computes them."""
+    pkg = load_golden("olmoe_1b_7b")
+    free_memory()
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(torch.bfloat16, device=DEVICE, backend="triton").eval().use_cuda_graphs()
+    H = pkg.layer.HIDDEN
+    calls, real_losses = [], layer.router.losses
+    layer.router.losses = lambda *a: calls.append(1) or real_losses(*a)
+    for shape, mode in [
+        ((1, H), torch.no_grad),
+        ((16, H), torch.inference_mode),
+        ((2, 8, H), None),
+    ]:
+        for _ in range(3):
+            x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+            before = len(calls)
+            with mode() if mode else torch.no_grad():
+                y = layer(x)
+            assert len(calls) == before, "a forward computed the losses"
+            got = layer.aux_losses
+            assert len(calls) == before + 1 and set(got) == {"load_balance", "total"}
+            with torch.enable_grad():
+                want_y = layer._forward(x)
+            want = layer.aux_losses
+            assert len(calls) == before + 2 and want["total"].requires_grad
+            assert torch.equal(y, want_y)
+            for name, value in want.items():
+                assert torch.equal(got[name], value.detach()), name
+    assert len(layer.cuda_graphs.graphs) == 3
+    layer.lazy_losses = False  # the forward, and so its graph, computes them
+    x = torch.randn(16, H, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(3):
+        with torch.no_grad():
+            layer(x)
+        got = layer._losses
+        assert isinstance(got, dict)
+        with torch.enable_grad():
+            layer._forward(x)
+        for name, value in layer.aux_losses.items():
+            assert torch.equal(got[name], value.detach()), name
+    assert len(layer.cuda_graphs.graphs) == 4
     del layer
     free_memory()
