@@ -249,6 +249,29 @@ def test_torch_compile_fullgraph(name):
             torch.testing.assert_close(grads_c[n], p.grad, msg=n)
 
 
+def test_torch_compile_fullgraph_computes_the_losses_in_the_forward():
+    """A compiled forward computes its balancing losses (nothing is left for a read outside the
+    graph), an inference one included, with the values an eager forward's read gives; the trace
+    has no graph break."""
+    spec = (
+        SPECS["deepseek_like"] + "balance: {aux_loss: 0.01, seq_aux_loss: 0.001, z_loss: 0.001}\n"
+    )
+    pkg = build_package(spec)
+    torch.manual_seed(0)
+    layer = pkg.MoELayer(backend="triton").eval()
+    x = torch.randn(2, 5, layer.router.weight.shape[1])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        compiled(x)
+        assert isinstance(layer._losses, dict)
+        got = dict(layer.aux_losses)
+        layer(x)
+        assert isinstance(layer._losses, tuple)
+    assert set(got) == {"load_balance", "seq_load_balance", "z", "total"}
+    for name, value in layer.aux_losses.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+
+
 def _grads(layer, x, forward=None) -> list:
     """[x's gradient, each parameter's] of a fixed loss of ``forward(x)`` (default: the layer)."""
     layer.zero_grad()
